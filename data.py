@@ -1,0 +1,488 @@
+"""Data: the sources (built-in offline source, real COCO + audio via vpo.py, the official VPO release)
+and the torch Dataset with its joint image/mask/audio transforms (Sec. 3, Sec. 4, App. B.1).
+
+Every source ends up as a VPO manifest (vpo.py's layout) and goes through the same VPODataset:
+    built-in:  data/ -> make_builtin() writes COCO 2017 + a VGGSound-like audio bank -> vpo.build() -> VPODataset
+    real:      python vpo.py --coco ... --audio ... --out DIR; then --root DIR           -> VPODataset
+    official:  --root <folder holding VPO-SS/ VPO-MS/ VPO-MSMI/>  -> vpo.read_official() -> VPODataset
+
+    python data.py --data vpo_msmi [--root DIR]    # summary + preview PNG (image, mask, stereo log-mel)
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from PIL import Image, ImageDraw, ImageEnhance
+
+import vpo
+
+SR = 16000                                           # App. B.1: audio at 16 kHz
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet statistics (torchvision backbones)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+VPO_SUBSETS = ('vpo_ss', 'vpo_ms', 'vpo_msmi')
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------------------------
+# audio: reading any clip, and the log-mel of the official code
+
+_RESAMPLE = {}
+
+
+def read_clip(path, seconds, rng=None):
+    """A mono float32 window of `seconds` at 16 kHz from any wav/flac/ogg/opus file of any rate and
+    channel count. Training takes a random window (rng), evaluation the centre one (the official
+    code's centre crop); clips shorter than the window are tiled. Stereo files are averaged to mono:
+    VPO re-pans every source by its object's position (vpo.pan), so a file's own stereo is not kept."""
+    try:
+        info = sf.info(path)
+        n, sr = info.frames, info.samplerate
+        need = int(math.ceil(seconds * sr))
+        start = 0
+        if n > need:
+            start = int(rng.integers(0, n - need + 1)) if rng is not None else (n - need) // 2
+        x, _ = sf.read(path, start=start, frames=min(need, n) if n > 0 else -1, dtype='float32', always_2d=True)
+    except Exception as e:  # soundfile raises several types; the file name is what a user needs
+        raise RuntimeError(f'cannot read audio clip {path}: {e}') from e
+    x = x.mean(1)
+    if sr != SR and len(x):
+        if sr not in _RESAMPLE:   # the sinc kernel is built once per rate
+            _RESAMPLE[sr] = torchaudio.transforms.Resample(sr, SR)
+        x = _RESAMPLE[sr](torch.from_numpy(x)).numpy()
+    L = int(round(seconds * SR))
+    if len(x) == 0:
+        return np.zeros(L, np.float32)
+    return np.tile(x, -(-L // len(x)))[:L].astype(np.float32)
+
+
+_MEL = {}
+
+
+def logmel(wave):
+    """(..., L) 16 kHz waveform -> (..., T, 64) log-mel, T = 100 frames per second (App. B.1; the
+    official parameters: n_fft 512, window 400, hop 160, 125-3800 Hz, power 2,
+    20 * log10(max(p, 1e-5)) / 100, first T frames). Works on CPU or GPU tensors, batched."""
+    key = str(wave.device)
+    if key not in _MEL:
+        _MEL[key] = torchaudio.transforms.MelSpectrogram(
+            SR, n_fft=512, win_length=400, hop_length=160, f_min=125, f_max=3800, n_mels=64, power=2.0
+        ).to(wave.device)
+    T = wave.shape[-1] // 160
+    p = _MEL[key](wave.float())                                  # (..., 64, T + 1)
+    return (20 * torch.log10(p.clamp_min(1e-5)) / 100)[..., :T].transpose(-1, -2).contiguous()  # (..., T, 64)
+
+
+# -----------------------------------------------------------------------------------------------
+# the built-in offline source: COCO 2017 layout + VGGSound-like audio bank, generated from a seed
+
+BUILTIN_VERSION = 1
+BUILTIN_SIZE = dict(n_train=1200, n_val=200, clips_per_class=16)  # COCO train2017 / val2017 images
+
+# Appearance of each visual label: (shape, texture, hue in degrees). Every (shape, texture) pair is
+# unique and labels that share a shape sit >= 40 degrees apart in hue, so the 21 classes are told apart
+# by appearance; intra-class variety (hue +-12, saturation, value, size, aspect, rotation, texture
+# period) keeps colour alone from being a lookup. male/female/baby are COCO 'person'; captions name them.
+LOOKS = {
+    'airplane': ('cross', 'solid', 210), 'baby': ('figure', 'dots', 50), 'bird': ('star', 'solid', 55),
+    'bus': ('rect', 'stripes', 60), 'car': ('rect', 'solid', 0), 'cat': ('triangle', 'stripes', 40),
+    'cell phone': ('rect', 'dots', 270), 'cow': ('hexagon', 'dots', 130), 'dog': ('ellipse', 'solid', 30),
+    'elephant': ('hexagon', 'solid', 220), 'female': ('figure', 'stripes', 330), 'horse': ('ellipse', 'stripes', 110),
+    'keyboard': ('diamond', 'dots', 200), 'male': ('figure', 'solid', 235), 'motorcycle': ('diamond', 'solid', 300),
+    'mouse': ('triangle', 'dots', 160), 'sheep': ('ellipse', 'dots', 190), 'skateboard': ('diamond', 'stripes', 90),
+    'sports ball': ('star', 'dots', 340), 'tennis racket': ('star', 'stripes', 140), 'zebra': ('hexagon', 'stripes', 0),
+}
+PERSON_WORDS = {'male': 'man', 'female': 'woman', 'baby': 'baby'}
+DISTRACTORS = {'chair': 62, 'bottle': 44, 'potted plant': 64, 'clock': 85}  # non-VPO COCO categories
+# Sound of each visual label: a frequency band (7 bands, x1.5 apart) x a temporal pattern (steady,
+# pulsed, sweeping), one pair per class; variety: pitch +-8%, harmonics, pulse rate, noise, level.
+BANDS = (200, 300, 450, 675, 1000, 1500, 2250)
+CROSS = [(0.35, 1), (-0.35, 1), (-0.35, 0.35), (-1, 0.35), (-1, -0.35), (-0.35, -0.35),
+         (-0.35, -1), (0.35, -1), (0.35, -0.35), (1, -0.35), (1, 0.35), (0.35, 0.35)]
+
+
+def _polygon(shape, cx, cy, rx, ry, rot):
+    """Vertices (list of flat [x0, y0, x1, ...] parts) of a shape centred at (cx, cy)."""
+    if shape == 'figure':  # a person: head + body, two polygon parts of one annotation
+        head = _polygon('ellipse', cx, cy - 0.62 * ry, 0.38 * rx, 0.36 * ry, 0)[0]
+        body = _polygon('rect', cx, cy + 0.32 * ry, 0.6 * rx, 0.62 * ry, rot)[0]
+        return [head, body]
+    if shape == 'cross':  # a plus sign, arms 0.35 wide
+        x, y = np.array(CROSS, np.float64).T
+    else:
+        k = {'ellipse': 24, 'rect': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10,
+             'semicircle': 13, 'trapezoid': 4, 'pentagon': 5}[shape]
+        a = np.arange(k) * 2 * np.pi / k + {'rect': np.pi / 4, 'triangle': -np.pi / 2, 'trapezoid': np.pi / 4}.get(shape, 0)
+        if shape == 'semicircle':
+            a = np.linspace(0, np.pi, k)
+        r = np.full(k, math.sqrt(2) if shape in ('rect', 'trapezoid') else 1.0)
+        if shape == 'star':
+            r[1::2] = 0.45
+        x, y = r * np.cos(a), r * np.sin(a)
+        if shape == 'trapezoid':
+            x = x * np.where(y < 0, 0.6, 1.0)
+    c, s = math.cos(rot), math.sin(rot)
+    px, py = cx + rx * (c * x - s * y), cy + ry * (s * x + c * y)
+    return [np.stack([px, py], 1).ravel().round(1).tolist()]
+
+
+def _hsv(h, s, v):
+    c = v * s
+    x = c * (1 - abs((h / 60) % 2 - 1))
+    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h // 60) % 6]
+    return np.array([r + v - c, g + v - c, b + v - c], np.float32)
+
+
+def _texture(texture, colour, h, w, rng):
+    """(h, w, 3) paint of an object: solid, stripes (random angle, period) or dots."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(5, 9)
+    dark = colour * rng.uniform(0.35, 0.6)
+    if texture == 'stripes':
+        ang = rng.uniform(0, np.pi)
+        on = (np.cos(ang) * xx + np.sin(ang) * yy + rng.uniform(0, period)) % period < period / 2
+    elif texture == 'dots':
+        on = np.hypot((xx % period) - period / 2, (yy % period) - period / 2) < period / 3.2
+    else:
+        on = np.zeros((h, w), bool)
+    paint = np.where(on[..., None], dark, colour)
+    return paint + rng.normal(0, 0.02, (h, w, 3)).astype(np.float32)
+
+
+def _rle(mask):
+    """Uncompressed COCO RLE (column-major run lengths, starting with a run of zeros)."""
+    flat = mask.T.ravel().astype(np.uint8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {'counts': ([0] + counts) if flat[0] else counts, 'size': list(mask.shape)}
+
+
+def _make_image(image_id, rng, cat_ids):
+    """One image + its annotations + captions. Every image holds >= 2 VPO classes (so only the audio
+    says which object sounds); about a third hold 2 instances of one class far apart (so only stereo
+    says which one)."""
+    W, H = int(rng.integers(128, 225)), int(rng.integers(112, 193))
+    c0, c1 = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)), _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8))
+    g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
+    img = (c0 * (1 - g) + c1 * g) + rng.normal(0, 0.03, (H, W, 3)).astype(np.float32)
+    names = [c for c in vpo.VPO_CLASSES[1:]]
+    person = [c for c in names if c in PERSON_WORDS]
+    others = [c for c in names if c not in PERSON_WORDS]
+    k = int(rng.integers(2, 5))
+    pool = others + [person[int(rng.integers(3))]]        # at most one kind of person per image
+    chosen = list(rng.choice(pool, size=k, replace=False))
+    dup = rng.random() < 0.35
+    objs = [(c, None) for c in chosen]
+    if dup:  # a second instance of one class, on the other side of the image
+        objs = [(chosen[0], 'left'), (chosen[0], 'right')] + objs[1:]
+    objs += [(d, None) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
+    boxes, anns = [], []
+    for cls, side in objs:
+        for _ in range(30):  # rejection sampling: objects do not overlap, so polygons are the visible masks
+            r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0)
+            rx, ry = r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25)
+            lo, hi = (rx + 2, W - rx - 2)
+            if side == 'left':
+                hi = min(hi, 0.4 * W)
+            if side == 'right':
+                lo = max(lo, 0.6 * W)
+            if lo >= hi:
+                continue
+            cx, cy = rng.uniform(lo, hi), rng.uniform(ry + 2, H - ry - 2)
+            box = (cx - rx, cy - ry, cx + rx, cy + ry)
+            if all(box[2] < b[0] - 2 or box[0] > b[2] + 2 or box[3] < b[1] - 2 or box[1] > b[3] + 2 for b in boxes):
+                break
+        else:
+            continue
+        boxes.append(box)
+        if cls in LOOKS:
+            shape, texture, hue = LOOKS[cls]
+            colour = _hsv((hue + rng.uniform(-12, 12)) % 360, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+        else:
+            shape = str(rng.choice(['semicircle', 'trapezoid', 'pentagon']))
+            texture = str(rng.choice(['solid', 'stripes', 'dots']))
+            colour = _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9))
+        poly = _polygon(shape, cx, cy, rx, ry, rng.uniform(-0.3, 0.3))
+        m = Image.new('L', (W, H), 0)
+        for part in poly:
+            ImageDraw.Draw(m).polygon(part, fill=1)
+        m = np.asarray(m, bool)
+        if not m.any():
+            continue
+        img = np.where(m[..., None], _texture(texture, colour, H, W, rng), img)
+        ys, xs = np.nonzero(m)
+        anns.append({'image_id': image_id, 'category_id': cat_ids[cls], 'segmentation': poly, 'iscrowd': 0,
+                     'area': float(m.sum()), 'bbox': [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
+    if rng.random() < 0.05:  # a crowd region (RLE, iscrowd = 1) of small blobs of one VPO class
+        cls = str(rng.choice(others))
+        m = np.zeros((H, W), bool)
+        yy, xx = np.mgrid[0:H, 0:W]
+        for _ in range(4):
+            m |= np.hypot(xx - rng.uniform(0, W), yy - rng.uniform(0, 0.2 * H)) < rng.uniform(3, 6)
+        img = np.where(m[..., None], _hsv(LOOKS[cls][2], 0.8, 0.8), img)
+        ys, xs = np.nonzero(m)
+        if len(xs):
+            anns.append({'image_id': image_id, 'category_id': cat_ids[cls], 'segmentation': _rle(m), 'iscrowd': 1,
+                         'area': float(m.sum()), 'bbox': [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
+    people = {c for c, _ in objs if c in PERSON_WORDS}
+    words = [PERSON_WORDS[c] for c in people]
+    # the person rule of vpo.py reads captions: >= 2 of them must name the same group
+    captions = [f'a {w} standing among shapes' for w in words] + [f'shapes around a {w}' for w in words] or ['coloured shapes']
+    pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return pixels, anns, captions
+
+
+def _make_clip(k, variant, rng, sr, seconds):
+    """A clip of visual class index k (1..21): band (k-1) % 7, pattern (k-1) // 7 (steady / pulsed /
+    sweeping), with pitch, harmonics, rhythm, noise and level drawn per clip."""
+    n = int(seconds * sr)
+    t = np.arange(n, dtype=np.float64) / sr
+    f0 = BANDS[(k - 1) % 7] * rng.uniform(0.92, 1.08) * (1 + 0.02 * variant)
+    pattern = (k - 1) // 7
+    if pattern == 2:  # sweeping: the pitch glides up by ~30% and restarts, 1.5-3 times a second
+        f = f0 * (1 + 0.3 * ((t * rng.uniform(1.5, 3.0)) % 1.0))
+        phase = 2 * np.pi * np.cumsum(f) / sr
+    else:
+        phase = 2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi)
+    x = sum(0.6 ** h * np.sin((h + 1) * phase) for h in range(int(rng.integers(1, 4))))
+    if pattern == 1:  # pulsed: 3-6 bursts a second
+        rate, duty = rng.uniform(3, 6), rng.uniform(0.3, 0.5)
+        x = x * (((t * rate + rng.uniform()) % 1.0) < duty)
+    x = x + rng.normal(0, rng.uniform(0.02, 0.25), n)
+    return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
+
+
+def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, progress=True):
+    """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
+    captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
+    16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long)."""
+    rng = np.random.default_rng(seed)
+    coco, audio = os.path.join(root, 'coco'), os.path.join(root, 'audio')
+    cat_ids = {**{c: vpo.COCO_IDS[c] for c in LOOKS}, **DISTRACTORS}   # male/female/baby -> 1 'person'
+    categories = sorted({(i, 'person' if c in PERSON_WORDS else c) for c, i in cat_ids.items()})
+    os.makedirs(os.path.join(coco, 'annotations'), exist_ok=True)
+    ann_id, image_id = 1, 1
+    for split, n in (('train2017', n_train), ('val2017', n_val)):
+        os.makedirs(os.path.join(coco, split), exist_ok=True)
+        images, anns, caps = [], [], []
+        for _ in range(n):
+            pixels, a, c = _make_image(image_id, rng, cat_ids)
+            name = f'{image_id:012d}.jpg'
+            Image.fromarray(pixels).save(os.path.join(coco, split, name), quality=92)
+            images.append({'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]})
+            for x in a:
+                x['id'] = ann_id
+                ann_id += 1
+            anns += a
+            caps += [{'id': len(caps) + 1 + j, 'image_id': image_id, 'caption': s} for j, s in enumerate(c)]
+            image_id += 1
+        cats = [{'id': i, 'name': c, 'supercategory': 'builtin'} for i, c in categories]
+        for kind, body in (('instances', {'annotations': anns, 'categories': cats}), ('captions', {'annotations': caps})):
+            with open(os.path.join(coco, 'annotations', f'{kind}_{split}.json'), 'w') as f:
+                json.dump({'info': {'description': 'cavp built-in source', 'seed': seed}, 'images': images, **body}, f)
+    for k, cls in enumerate(vpo.VPO_CLASSES[1:], start=1):
+        labels = vpo.TABLE7[cls]
+        for j in range(max(clips_per_class, 2 * len(labels))):
+            label = labels[j % len(labels)]
+            sr = int(rng.choice([16000, 22050, 44100]))
+            seconds = rng.uniform(0.6, 1.0) if rng.random() < 0.15 else rng.uniform(2.0, 10.0)
+            x = _make_clip(k, j % len(labels), rng, sr, seconds)
+            if rng.random() < 0.3:  # a stereo file: the same sound, slightly different per channel
+                x = np.stack([x, x * rng.uniform(0.7, 1.0)], 1)
+            ext = str(rng.choice(['wav', 'wav', 'flac', 'ogg']))
+            folder = os.path.join(audio, vpo.folder_name(label))
+            os.makedirs(folder, exist_ok=True)
+            sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
+    return coco, audio
+
+
+def ensure_builtin(root=None, *, seed=0, progress=True, **size):
+    """The built-in VPO tree under root (default data/ beside the code), generated on first use and
+    reused; regenerated when the seed, the sizes asked for, or BUILTIN_VERSION change. A call that names
+    no size takes whatever size is cached (tests and smoke runs build smaller ones). Returns the VPO root."""
+    root = root or os.path.join(HERE, 'data')
+    params = {'version': BUILTIN_VERSION, 'seed': seed, **BUILTIN_SIZE, **size}
+    stamp = os.path.join(root, 'builtin.json')
+    out = os.path.join(root, 'vpo')
+    if os.path.exists(stamp) and os.path.exists(os.path.join(out, 'meta.json')):
+        with open(stamp) as f:
+            old = json.load(f)
+        if old == params or (not size and all(old.get(k) == params[k] for k in ('version', 'seed'))):
+            return out
+    t0 = time.time()
+    for sub in ('coco', 'audio', 'vpo'):
+        shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+    if progress:
+        print(f'building the built-in source in {root} ({params}) ...', flush=True)
+    coco, audio = make_builtin(root, seed=seed, progress=progress, **{k: params[k] for k in BUILTIN_SIZE})
+    vpo.build(coco, audio, out, seed=seed, progress=progress)
+    with open(stamp, 'w') as f:
+        json.dump(params, f)
+    if progress:
+        print(f'built-in source ready in {time.time() - t0:.1f} s', flush=True)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# the Dataset: one code path for every VPO source
+
+def _open(path, what, where):
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Exception as e:
+        raise RuntimeError(f'cannot read {what} {path} (from {where}): {e}') from e
+
+
+class VPODataset(torch.utils.data.Dataset):
+    """VPO-SS / MS / MSMI samples (Sec. 3, Sec. 4): image x, log-mel a, label y (0 background,
+    1..21, 255 ignore) and the multi-hot audio label t. Audio is mixed at load time from each sounding
+    object's clip panned by its alpha (Fig. 3), so a flip mirrors the sound as well (alpha -> 1 - alpha,
+    in every subset: the official code forgets it in VPO-SS) and probes can re-mix any objects.
+
+    Train (App. B.1): colour jitter, random scale 0.5-2.0, random crop (pad: image mean, mask 255),
+    horizontal flip, random audio window. Test: original resolution, centre audio window.
+    Randomness is a pure function of (seed, epoch, index): index the dataset with (epoch, i) to get
+    the same batch whatever the worker count, and after a resume."""
+
+    def __init__(self, root, subset, split, *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0, rows=None):
+        self.root, self.subset, self.split = root, subset, split
+        self.train, self.crop, self.seconds, self.mono, self.seed = train, crop, audio_seconds, mono, seed
+        self.classes, self.num_classes = list(vpo.VPO_CLASSES), len(vpo.VPO_CLASSES)
+        self.manifest = os.path.join(root, subset, f'{split}.jsonl')
+        if rows is None:
+            if not os.path.exists(self.manifest):
+                raise FileNotFoundError(f'no manifest {self.manifest}: is --root a VPO folder written by vpo.py?')
+            with open(self.manifest) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        self.rows = rows
+        meta = os.path.join(root, 'meta.json')
+        self.itd = json.load(open(meta)).get('itd', False) if os.path.exists(meta) else False
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        for n, row in enumerate(rows):
+            for o in row['objects']:
+                if o['cls'] not in self.index:
+                    raise ValueError(f'{self.manifest}:{n + 1}: unknown class {o["cls"]!r}; known: {self.classes[1:]}')
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, i] if self.train else [self.seed, i])
+        return self.load(i, rng=rng, augment=self.train)
+
+    def _path(self, p):
+        return p if os.path.isabs(p) else os.path.join(self.root, p)
+
+    def load(self, i, *, sounding=None, audio=None, swap=False, flip=False, rng=None, augment=False):
+        """Sample i; for probes, `sounding` re-chooses which objects sound (label and audio rebuilt from
+        the instance map and their clips), `audio` = 'silence' | 'noise' replaces the sound, `swap`
+        exchanges L and R without flipping the image, `flip` mirrors image, mask and sound together."""
+        row, where = self.rows[i], f'{self.manifest}:{i + 1}'
+        rng = rng if rng is not None else np.random.default_rng([self.seed, i])
+        image = _open(self._path(row['image']), 'image', where).convert('RGB')
+        objects = row['objects']
+        if sounding is None:
+            sounding = [k for k, o in enumerate(objects) if o['sounding']]
+            label = _open(self._path(row['mask']), 'mask', where)
+        else:  # rebuild the label map from the instance map: k -> class of objects[k - 1] if it sounds
+            if not row.get('inst'):
+                raise ValueError(f'{where}: no instance map, so the sounding objects cannot be re-chosen')
+            lut = np.zeros(256, np.uint8)
+            lut[255] = 255
+            for k in sounding:
+                lut[k + 1] = self.index[objects[k]['cls']]
+            label = Image.fromarray(lut[np.asarray(_open(self._path(row['inst']), 'instance map', where))])
+        if label.size != image.size:
+            raise ValueError(f'{where}: mask {label.size} and image {image.size} differ in size')
+        if augment:
+            image, label, flip = self._augment(image, label, rng)
+        elif flip:
+            image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
+        x = (np.asarray(image, np.float32) / 255 - MEAN) / STD
+        y = np.asarray(label, np.int64)
+
+        # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
+        L = int(round(self.seconds * SR))
+        waves, alphas = [], []
+        for k in sounding:
+            o = objects[k]
+            waves.append(read_clip(self._path(o['clip']), self.seconds, rng if augment else None))
+            alphas.append(1 - o['alpha'] if flip else o['alpha'])
+        if audio == 'silence' or not waves:
+            stereo = np.zeros((2, L), np.float32)
+        elif audio == 'noise':
+            stereo = np.random.default_rng([self.seed, i, 7]).normal(0, 0.1, (2, L)).astype(np.float32)
+        else:
+            stereo = vpo.mix([vpo.pan(w, a, sr=SR, itd=self.itd) for w, a in zip(waves, alphas)]).astype(np.float32)
+        if swap:
+            stereo = stereo[::-1]
+        wave = torch.from_numpy(np.ascontiguousarray(stereo))
+        if self.mono:  # Fig. 7 / Table 8: one plane; L + R undoes the panning
+            wave = wave.sum(0, keepdim=True)
+        t = torch.zeros(self.num_classes)
+        for k in sounding:
+            t[self.index[objects[k]['cls']]] = 1
+        # a memory-bank candidate (App. B.1): one sounding source, mono, with its class and alpha
+        j = int(rng.integers(len(waves))) if waves else None
+        return {
+            'image': torch.from_numpy(x).permute(2, 0, 1).contiguous(),      # (3, H, W)
+            'audio': logmel(wave),                                            # (A, T, 64)
+            'wave': wave,                                                     # (A, L)
+            'label': torch.from_numpy(y),                                     # (H, W)
+            't': t,                                                           # (C,)
+            'index': i,
+            'bank_wave': torch.from_numpy(waves[j]) if waves else torch.zeros(L),
+            'bank_cls': self.index[objects[sounding[j]]['cls']] if waves else 0,
+            'bank_alpha': float(alphas[j]) if waves else 0.5,
+        }
+
+    def _augment(self, image, label, rng):
+        """Colour jitter, random scale 0.5-2.0 + random crop in one resample (PIL's resize box reads
+        only the crop's source region), pad image with its mean colour and mask with 255, flip."""
+        for op in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = op(image).enhance(rng.uniform(0.6, 1.4))
+        W, H = image.size
+        s, c = rng.uniform(0.5, 2.0), self.crop
+        sw, sh = max(1, round(W * s)), max(1, round(H * s))
+        cw, ch = min(c, sw), min(c, sh)
+        x0, y0 = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
+        box = (x0 / s, y0 / s, min(W, (x0 + cw) / s), min(H, (y0 + ch) / s))
+        px, py = int(rng.integers(0, c - cw + 1)), int(rng.integers(0, c - ch + 1))
+        img = Image.new('RGB', (c, c), tuple(int(v * 255) for v in MEAN))
+        img.paste(image.resize((cw, ch), Image.BILINEAR, box=box), (px, py))
+        lab = Image.new('L', (c, c), 255)
+        lab.paste(label.resize((cw, ch), Image.NEAREST, box=box), (px, py))
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            img, lab = img.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
+        return img, lab, flip
+
+
+def resolve_root(name, root=None, *, seed=0, progress=True):
+    """Which source --root names: a VPO folder written by vpo.py (has meta.json), the official release
+    (has VPO-SS/ VPO-MS/ VPO-MSMI/), or else the cache folder of the built-in source (default data/)."""
+    if root and os.path.exists(os.path.join(root, 'meta.json')) and not os.path.exists(os.path.join(root, '..', 'builtin.json')):
+        return root, 'vpo'
+    if root and any(os.path.isdir(os.path.join(root, d)) for d in ('VPO-SS', 'VPO-MS', 'VPO-MSMI')):
+        return root, 'official'
+    if root and os.path.exists(root) and os.listdir(root) and not os.path.exists(os.path.join(root, 'builtin.json')):
+        raise FileNotFoundError(f'--root {root} is neither a VPO folder (meta.json), the official release (VPO-SS/ ...) '
+                                f'nor a built-in cache (builtin.json)')
+    return ensure_builtin(root, seed=seed, progress=progress), 'builtin'
+
+
+def build_dataset(name, root=None, split='train', *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0):
+    """The Dataset for --data name on `split` (train / val / test)."""
+    if name not in VPO_SUBSETS:
+        raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS)}')
+    path, kind = resolve_root(name, root, seed=seed)
+    rows = vpo.read_official(path, name, split) if kind == 'official' else None
+    return VPODataset(path, name, split, train=train, crop=crop, audio_seconds=audio_seconds, mono=mono, seed=seed, rows=rows)

@@ -1,0 +1,351 @@
+"""CAVP model (Sec. 4.1): a DeepLabV3+ image branch, a ResNet-18 audio branch and the cross-attention fusion f_CA.
+
+    x (B, 3, H, W)  -- ResNet (dilated) + ASPP + DeepLabV3+ decoder -->  u_v (B, D, H/4, W/4)   forward_image
+    a (B, A, T, F)  -- ResNet-18 over the log-mel, pooled, Linear -->  u_a (B, D), one token  forward_audio
+    z, attn = f_CA(u_v, u_a)           z (B, D, H/4, W/4), attn (B, heads, H/4, W/4)          fuse
+    logits = 3x3 convs + classifier on z, upsampled to (H, W)                                 classify
+
+The image branch is run once per image and fused with as many audio inputs as the loss needs (Sec. 4.2
+pairs each image with its own and a permuted audio). D = 304 = 256 (ASPP) + 48 (layer1), as official.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+IMAGE_BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+ATTN = ('sigmoid', 'softmax', 'minmax', 'channel', 'tpavi')  # Fig. 6 and Table 5 row 1
+LOW_CHANNELS = 48    # DeepLabV3+ reduces layer1 to 48 channels before the concat
+HEAD_CHANNELS = 256  # width of the two 3x3 fusing convs of the DeepLabV3+ head
+MLP_RATIO = 2        # f_CA's MLP hidden width = 2 D; official 4 D, halved to keep f_CA under 10% of the image branch
+
+
+# ----------------------------------------------------------------------------- weights
+
+def imagenet_file(arch):
+    """(path, url) of torchvision's IMAGENET1K_V1 file for `arch` in the local torch hub cache. Never downloaded."""
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url)), url
+
+
+def load_weights(net, weights, *, arch, arg):
+    """Load `weights` into the ResNet trunk `net`, strictly. weights: None (random init, an explicit choice),
+    'imagenet' (torchvision's file, only from the local hub cache) or the path of a state-dict file.
+    `fc.*` keys (the ImageNet classifier, which the trunk does not have) are dropped by name; every other key
+    must match in name and shape, else the error names them (NOTES bug 7: the official loads with strict=False)."""
+    if weights is None:
+        return
+    path = weights
+    if weights == 'imagenet':
+        path, url = imagenet_file(arch)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{arg}='imagenet' needs torchvision's {arch} ImageNet file "
+                                    f"{os.path.basename(path)} in {os.path.dirname(path)}/ (fetch {url} on a machine "
+                                    f"with internet and copy it there; model.py never downloads)")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f'{arg}={weights!r}: no such file')
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+    rgb, planes = state.get('conv1.weight'), net.conv1.in_channels
+    if rgb is not None and rgb.shape[1] == 3 and planes != 3:
+        # Audio trunk from an RGB checkpoint: see each log-mel plane as a grey image (RGB filters summed, / A so a
+        # stereo pair of equal planes gives the grey response). Deviation: the official re-initialises conv1.
+        state['conv1.weight'] = rgb.sum(1, keepdim=True).repeat(1, planes, 1, 1) / planes
+    own = net.state_dict()
+    # Old torchvision files lack BatchNorm's num_batches_tracked; load_state_dict fills it in, so it is not "missing".
+    problems = [(what, sorted(keys)) for what, keys in (
+        ('missing', [k for k in own.keys() - state.keys() if not k.endswith('num_batches_tracked')]),
+        ('unexpected', state.keys() - own.keys()),
+        ('wrong-shape', [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]))
+        if keys]
+    if problems:
+        raise RuntimeError(f'{arg}={path!r} does not match the {arch} trunk: ' + '; '.join(
+            f'{len(keys)} {what} keys ({", ".join(keys[:4])}{", ..." if len(keys) > 4 else ""})'
+            for what, keys in problems))
+    net.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def resnet_trunk(arch, *, in_planes=3, output_stride=32):
+    """A torchvision ResNet without avgpool/fc, taking `in_planes` input planes, dilated to `output_stride` (8/16/32)."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    del net.avgpool, net.fc  # unused: we read layer1/layer4 and pool the audio ourselves (no dead parameters)
+    if in_planes != 3:
+        net.conv1 = nn.Conv2d(in_planes, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    return dilate(net, output_stride)
+
+
+def dilate(net, output_stride):
+    """Trade the strides of layer3/layer4 of a torchvision ResNet for dilations, in place (output stride 8 or 16).
+
+    torchvision refuses replace_stride_with_dilation for BasicBlock (resnet18/34), so every arch is dilated here,
+    the a-trous way: a layer's stride-2 convs get stride 1; its 3x3 convs up to and including the one that was
+    strided keep the previous dilation, later ones (on the now twice-denser map) get twice it. The result equals
+    the undilated net sampled every 32/output_stride pixels, and for Bottleneck it is exactly torchvision's
+    replace_stride_with_dilation (both tested). For BasicBlock this differs from "one dilation per block"
+    conventions: block 0's conv2 already sees the dense map, so it gets the new dilation."""
+    dilation = 1
+    for layer, stride in ((net.layer3, 16), (net.layer4, 32)):
+        if stride <= output_stride:
+            continue
+        d, dilation = dilation, dilation * 2
+        for conv in layer.modules():  # torchvision's blocks register their convs in forward order
+            if isinstance(conv, nn.Conv2d):
+                if conv.kernel_size == (3, 3):
+                    conv.dilation = conv.padding = (d, d)
+                    if conv.stride == (2, 2):
+                        d = dilation
+                conv.stride = (1, 1)
+    return net
+
+
+def stem(net, x):
+    """conv1 + BN + ReLU + max pool of a ResNet trunk: (B, C, H, W) -> (B, 64, H/4, W/4)."""
+    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+
+class AudioResNet(nn.Module):
+    """Audio branch f_gamma (App. B.1): ResNet-18 over the log-mel, A = 1 (mono) or 2 (stereo) planes -> (B, 512)."""
+    out_dim = 512
+
+    def __init__(self, *, channels, weights):
+        super().__init__()
+        self.net = resnet_trunk('resnet18', in_planes=channels)
+        load_weights(self.net, weights, arch='resnet18', arg='audio_weights')
+
+    def forward(self, a):
+        n = self.net
+        a = n.layer4(n.layer3(n.layer2(n.layer1(stem(n, a)))))  # B, 512, T/32, F/32 (300 x 64 -> 10 x 2)
+        return a.amax((2, 3))  # B, 512: global max pool, as official (AdaptiveMaxPool2d)
+
+
+# ----------------------------------------------------------------------------- fusion
+
+class CrossAttention(nn.Module):
+    """f_CA (Sec. 4.1), on the pixel tokens t = u_v (B, h, w, D) and the audio token s = LN(u_a) (B, D):
+
+        u_v_hat = t + f_MHA(t, s, s),  f_MHA = W_o [act(q_h k_h^T / sqrt(d)) v_h]_h,  act = sigmoid   (Sec. 4.1)
+        z = LN(u_v_hat + MLP(u_v_hat))                         residual MLP + LayerNorm, as official
+
+    `attn` picks act for the ablations (Fig. 6, Table 5): 'sigmoid' (ours) | 'softmax' over pixels (App. C: softmax
+    "under spatial dimension"; over the keys it would be identically 1 with one audio token) | 'minmax' (logits
+    min-max normalised over pixels) | 'channel' (AVSegFormer-style: the audio gives per-channel weights c,
+    t + t * c) | 'tpavi' (audio query, softmax over pixel keys, t + t * f_MHA(s, t, t) broadcast to every pixel).
+
+    Deviations from the official block, for speed at 128 x 128 x 304 tokens (measured: `python model.py`): no
+    pre-LN of u_v (it is the output of BatchNorm + ReLU already; the residual goes onto u_v as in the paper's
+    formula, not onto LN(u_v)), no visual pre-projection MLP / patch-embedding Linears (not in the paper), and the
+    audio token is not updated from the pixels (the official depth-1 block computes that and discards it).
+
+    One audio token makes a per-pixel q_h projection unnecessary: q_h . k_h = t . (W_q,h^T k_h), so the key is
+    mapped back into pixel space once per sample (B, H, D) and the logits cost N*H*D instead of N*D*D; likewise
+    W_o [a_h v_h]_h = sum_h a_h (W_o,h v_h). Exact (tested against the plain form). q, k, v have no bias, as
+    official, which keeps these identities bias-free."""
+
+    def __init__(self, *, dim, heads, attn):
+        super().__init__()
+        self.heads, self.attn = heads, attn
+        self.norm_a = nn.LayerNorm(dim)  # the audio Linear's output has no normalisation of its own
+        if attn != 'channel':  # channel attention has no query-key product
+            self.q = nn.Linear(dim, dim, bias=False)
+            self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, MLP_RATIO * dim), nn.GELU(), nn.Linear(MLP_RATIO * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, u_v, u_a):
+        B, D, h, w = u_v.shape
+        H, d, N = self.heads, D // self.heads, h * w
+        # Pixel tokens as one (B, N, D) matrix: a free view under channels_last, one copy under NCHW; the matmuls
+        # below then write contiguous outputs, so the elementwise work stays on fast paths (it dominates on GPU).
+        t = u_v.permute(0, 2, 3, 1).reshape(B, N, D)  # B, N, D
+        s = self.norm_a(u_a)                           # B, D the audio token
+        if self.attn == 'channel':
+            c = self.o(self.v(s))                            # B, D one weight per channel
+            u_hat = t + t * c[:, None]                       # B, N, D
+            attn = t.new_ones(B, H, N)                       # spatially uniform by construction: a flat picture
+        elif self.attn == 'tpavi':
+            q = self.q(s).view(B, H, d)                                                        # B, H, d audio query
+            w_k = torch.einsum('bhe,hec->bhc', q, self.k.weight.view(H, d, D)) / d ** 0.5      # B, H, D = W_k,h^T q_h
+            attn = (w_k @ t.transpose(1, 2)).softmax(-1)                                       # B, H, N over pixel keys
+            f = torch.einsum('bhc,hec->bhe', attn @ t, self.v.weight.view(H, d, D))            # B, H, d = a_h V_h
+            u_hat = t + t * self.o(f.reshape(B, D))[:, None]                                   # B, N, D (Table 5 row 1)
+        else:
+            k, v = self.k(s).view(B, H, d), self.v(s).view(B, H, d)                           # B, H, d
+            w_q = torch.einsum('bhe,hec->bhc', k, self.q.weight.view(H, d, D)) / d ** 0.5      # B, H, D = W_q,h^T k_h
+            logits = w_q @ t.transpose(1, 2)                                                   # B, H, N = q_h.k_h/sqrt(d)
+            if self.attn == 'sigmoid':  # Sec. 4.1: each pixel gated on its own, so many regions can light up
+                attn = logits.sigmoid()
+            elif self.attn == 'softmax':  # over pixels: sums to 1 per head, so it fades at large N (Fig. 11b)
+                attn = logits.softmax(-1)
+            else:  # 'minmax' over pixels, per sample and head
+                lo, hi = logits.amin(-1, keepdim=True), logits.amax(-1, keepdim=True)
+                attn = (logits - lo) / (hi - lo).clamp_min(1e-6)
+            o_v = torch.einsum('bhe,che->bhc', v, self.o.weight.view(D, H, d))                 # B, H, D = W_o,h v_h
+            b_o = self.o.bias.to(t.dtype)  # an fp32 bias would promote the whole bf16 map under autocast
+            u_hat = torch.baddbmm(t, attn.transpose(1, 2), o_v) + b_o                        # B, N, D (Sec. 4.1)
+        z = self.norm(u_hat + self.mlp(u_hat))                                                 # B, N, D
+        return z.view(B, h, w, D).permute(0, 3, 1, 2), attn.view(B, H, h, w)  # z: B, D, h, w (channels-last strides)
+
+
+# ----------------------------------------------------------------------------- model
+
+class CAVP(nn.Module):
+    """CAVP segmentation network (Sec. 4.1). In train mode use batches of >= 2 (ASPP's image-pool BatchNorm).
+
+    backbone: torchvision ResNet of the image branch, dilated to output_stride 8 (paper, official) or 16.
+        Deviation: the official ResNet-50 has a deep (three 3x3 conv) stem; we keep torchvision's 7x7 stem so that
+        torchvision's ImageNet weights load.
+    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1).
+    attn: f_CA activation, one of ATTN.   heads, dim: f_CA heads and width; dim = ASPP width + 48.
+    weights, audio_weights: None (random init) | 'imagenet' (local torch hub cache only) | path of a state dict.
+    """
+
+    def __init__(self, *, num_classes=22, backbone='resnet50', output_stride=8, audio_channels=2,
+                 audio_backbone='resnet18', attn='sigmoid', heads=4, dim=304, weights=None, audio_weights=None):
+        super().__init__()
+        if backbone not in IMAGE_BACKBONES:
+            raise ValueError(f'backbone={backbone!r}: expected one of {IMAGE_BACKBONES}')
+        if output_stride not in (8, 16):
+            raise ValueError(f'output_stride={output_stride}: expected 8 or 16')
+        if attn not in ATTN:
+            raise ValueError(f'attn={attn!r}: expected one of {ATTN}')
+        if dim <= LOW_CHANNELS or dim % heads:
+            raise ValueError(f'dim={dim}: must exceed {LOW_CHANNELS} and be divisible by heads={heads}')
+        # Image branch f_phi: ResNet + DeepLabV3+ encoder-decoder up to the fusion point.
+        self.backbone = resnet_trunk(backbone, output_stride=output_stride)
+        load_weights(self.backbone, weights, arch=backbone, arg='weights')
+        expansion = self.backbone.layer1[0].expansion   # 1 for BasicBlock (resnet18/34), 4 for Bottleneck
+        low, high = 64 * expansion, 512 * expansion     # layer1 and layer4 output channels
+        # ASPP rates 6/12/18 at OS 8, as official (DeepLabV3+ uses 12/24/36 at OS 8, 6/12/18 at OS 16). At OS 16 we
+        # halve them to 3/6/9 so that the field of view in input pixels equals the official OS-8 model, and so that
+        # the small CPU crops (128-192 -> 8-12 px at OS 16) do not turn the rate-18 branch into a 1x1 conv.
+        rates = [r * 8 // output_stride for r in (6, 12, 18)]
+        self.aspp = ASPP(high, rates, dim - LOW_CHANNELS)
+        self.reduce = nn.Sequential(nn.Conv2d(low, LOW_CHANNELS, 1, bias=False), nn.BatchNorm2d(LOW_CHANNELS),
+                                    nn.ReLU(inplace=True))
+        # Audio branch f_gamma. One token per clip, as official: a VPO clip is a static 3 s scene over a still
+        # image, so there is no time to align with; one token also makes f_CA's per-pixel cost tiny (see above).
+        if audio_backbone == 'resnet18':
+            self.audio = AudioResNet(channels=audio_channels, weights=audio_weights)
+        else:  # a VGGish branch (B, 1, 96, 64) patches -> (B, 128) would be the next `if`, with its own out_dim
+            raise ValueError(f"audio_backbone={audio_backbone!r}: expected 'resnet18'")
+        self.audio_proj = nn.Linear(self.audio.out_dim, dim)
+        self.fusion = CrossAttention(dim=dim, heads=heads, attn=attn)
+        # DeepLabV3+ head: two 3x3 fusing convs + a 1x1 classifier over C classes (background included).
+        self.head = nn.Sequential(
+            nn.Conv2d(dim, HEAD_CHANNELS, 3, padding=1, bias=False), nn.BatchNorm2d(HEAD_CHANNELS), nn.ReLU(inplace=True),
+            nn.Conv2d(HEAD_CHANNELS, HEAD_CHANNELS, 3, padding=1, bias=False), nn.BatchNorm2d(HEAD_CHANNELS),
+            nn.ReLU(inplace=True), nn.Conv2d(HEAD_CHANNELS, num_classes, 1))
+
+    def forward_image(self, x):
+        """x (B, 3, H, W), ImageNet-normalised -> {'u_v': (B, D, H/4, W/4), 'size': (H, W)}. Run once per image."""
+        b = self.backbone
+        low = b.layer1(stem(b, x))                                  # B, C1, H/4, W/4
+        high = self.aspp(b.layer4(b.layer3(b.layer2(low))))         # B, D-48, H/os, W/os
+        high = F.interpolate(high, size=low.shape[-2:], mode='bilinear', align_corners=False)  # B, D-48, H/4, W/4
+        return {'u_v': torch.cat([high, self.reduce(low)], 1), 'size': tuple(x.shape[-2:])}   # u_v: B, D, H/4, W/4
+
+    def forward_audio(self, a):
+        """a (B, A, T, F) log-mel -> u_a (B, D), the single audio token."""
+        return self.audio_proj(self.audio(a))
+
+    def fuse(self, u_v, u_a):
+        """f_CA (Sec. 4.1): u_v (B, D, h, w), u_a (B, D) -> z (B, D, h, w), attn (B, heads, h, w)."""
+        if u_v.shape[0] != u_a.shape[0]:
+            raise ValueError(f'fuse: u_v has batch {u_v.shape[0]} but u_a has {u_a.shape[0]}')
+        return self.fusion(u_v, u_a)
+
+    def classify(self, z, size):
+        """z (B, D, h, w) -> logits (B, C, *size), bilinearly upsampled."""
+        return F.interpolate(self.head(z), size=size, mode='bilinear', align_corners=False)
+
+    def forward(self, x, a):
+        """x (B, 3, H, W), a (B, A, T, F) -> dict(logits (B, C, H, W), z (B, D, H/4, W/4), attn (B, heads, H/4, W/4))."""
+        u_v = self.forward_image(x)['u_v']   # 1. image branch u_v = f_phi(x)          B, D, H/4, W/4
+        u_a = self.forward_audio(a)          # 2. audio branch u_a = f_gamma(a)        B, D
+        z, attn = self.fuse(u_v, u_a)        # 3. z = f_CA(u_v, u_a) (Sec. 4.1)        B, D, H/4, W/4
+        return dict(logits=self.classify(z, x.shape[-2:]), z=z, attn=attn)  # 4. per-pixel classes   B, C, H, W
+
+
+# ----------------------------------------------------------------------------- CLI: parameters and timing
+
+def param_counts(model):
+    """Millions of parameters per branch."""
+    groups = {'image backbone': [model.backbone], 'decoder (ASPP + layer1 reduce)': [model.aspp, model.reduce],
+              'audio (ResNet-18 + Linear)': [model.audio, model.audio_proj], 'fusion f_CA': [model.fusion],
+              'head': [model.head]}
+    return {k: sum(p.numel() for m in ms for p in m.parameters()) / 1e6 for k, ms in groups.items()}
+
+
+def time_forward(model, x, a, *, repeat, warmup):
+    """Median milliseconds of: the image branch alone, the image branch + f_CA (u_a precomputed), f_CA alone,
+    the audio branch and the full forward. bf16 autocast on CUDA."""
+    cuda = x.device.type == 'cuda'
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+        u_v, u_a = model.forward_image(x)['u_v'], model.forward_audio(a)
+        jobs = {'image': lambda: model.classify(model.forward_image(x)['u_v'], x.shape[-2:]),
+                'image+f_CA': lambda: model.classify(model.fuse(model.forward_image(x)['u_v'], u_a)[0], x.shape[-2:]),
+                'f_CA': lambda: model.fuse(u_v, u_a), 'audio': lambda: model.forward_audio(a),
+                'full': lambda: model(x, a)}
+        times = {k: [] for k in jobs}
+        for i in range(warmup + repeat):
+            for k, job in jobs.items():  # interleaved, so that load from other processes hits every job alike
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                job()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description='CAVP parameter counts and forward time: image branch alone vs fused.')
+    p.add_argument('--backbone', default='resnet50', choices=IMAGE_BACKBONES, help='image backbone')
+    p.add_argument('--output-stride', type=int, default=8, choices=(8, 16), help='image backbone output stride')
+    p.add_argument('--attn', default='sigmoid', choices=ATTN, help='f_CA activation (Fig. 6, Table 5)')
+    p.add_argument('--size', type=int, default=512, help='square image side (paper: 512 crops)')
+    p.add_argument('--audio-seconds', type=float, default=3.0, help='clip length; 100 log-mel frames per second')
+    p.add_argument('--audio-channels', type=int, default=2, choices=(1, 2), help='2 = stereo, 1 = mono')
+    p.add_argument('--batch', type=int, default=1, help='batch size of the timed forward')
+    p.add_argument('--repeat', type=int, default=5, help='timed repeats (median reported)')
+    p.add_argument('--warmup', type=int, default=2, help='untimed warm-up rounds')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu (fp32) or cuda (bf16 autocast + channels_last)')
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    model = CAVP(backbone=args.backbone, output_stride=args.output_stride, attn=args.attn,
+                 audio_channels=args.audio_channels).eval().to(dev)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    a = torch.randn(args.batch, args.audio_channels, round(100 * args.audio_seconds), 64, device=dev)
+    if dev.type == 'cuda':
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    counts = param_counts(model)
+    for k, v in counts.items():
+        print(f'{k:32s} {v:8.2f} M')
+    print(f'{"total":32s} {sum(counts.values()):8.2f} M')
+    ms = time_forward(model, x, a, repeat=args.repeat, warmup=args.warmup)
+    print(f'{args.device}, {args.backbone} OS {args.output_stride}, {args.size}x{args.size}, audio {tuple(a.shape)}, '
+          f'batch {args.batch}, attn {args.attn}, median of {args.repeat}:')
+    for k, what in (('image', 'image branch (backbone+decoder+head)'), ('image+f_CA', 'image branch + f_CA'),
+                    ('f_CA', 'f_CA alone'), ('audio', 'audio branch'), ('full', 'full forward (image+audio+f_CA)')):
+        print(f'  {what:38s} {ms[k]:9.1f} ms')
+    print(f'fusion overhead: f_CA alone = {100 * ms["f_CA"] / ms["image"]:.1f} % of the image branch; '
+          f'image+f_CA vs image: {100 * (ms["image+f_CA"] / ms["image"] - 1):+.1f} %; '
+          f'full vs image (audio branch included): {100 * (ms["full"] / ms["image"] - 1):+.1f} %')
+
+if __name__ == '__main__':
+    main()
