@@ -9,6 +9,8 @@ Every source ends up as a VPO manifest (vpo.py's layout) and goes through the sa
     python data.py --data vpo_msmi [--root DIR]    # summary + preview PNG (image, mask, stereo log-mel)
 """
 import argparse
+import csv
+import functools
 import json
 import math
 import os
@@ -18,6 +20,7 @@ import time
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import torchaudio
 from PIL import Image, ImageDraw, ImageEnhance
 
@@ -76,6 +79,62 @@ def logmel(wave):
     T = wave.shape[-1] // 160
     p = _MEL[key](wave.float())                                  # (..., 64, T + 1)
     return (20 * torch.log10(p.clamp_min(1e-5)) / 100)[..., :T].transpose(-1, -2).contiguous()  # (..., T, 64)
+
+
+# VGGish front-end (AVSBench, App. B.1 following [63]): 96 x 64 log-mel examples of 0.96 s
+WIN, HOP, N_FFT = 400, 160, 512   # 25 ms window, 10 ms hop, FFT = next power of two above the window
+N_MELS, F_MIN, F_MAX = 64, 125.0, 7500.0
+LOG_OFFSET = 0.01                 # log(mel + 0.01): the VGGish offset, not the VPO 20*log10 form
+PATCH = 96                        # frames per example: 0.96 s
+EXAMPLE_SAMPLES = (PATCH - 1) * HOP + WIN   # 15600 samples (0.975 s) give exactly one 96-frame example
+EXAMPLE_HOP = PATCH * HOP         # 15360 samples: examples are back to back, 0.96 s apart
+
+
+def _hz_to_mel(f):
+    return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)   # HTK formula, as VGGish
+
+
+@functools.lru_cache(maxsize=1)
+def _mel_matrix():
+    """(257, 64) float64 triangles that are linear in *mel* (torchaudio's HTK fbanks are linear in Hz,
+    so they differ slightly); the DC bin gets no weight, as in HTK/VGGish; no area normalisation."""
+    bins_mel = _hz_to_mel(torch.linspace(0.0, SR / 2, N_FFT // 2 + 1, dtype=torch.float64))
+    edges = torch.linspace(_hz_to_mel(F_MIN).item(), _hz_to_mel(F_MAX).item(), N_MELS + 2,
+                           dtype=torch.float64)
+    lo, mid, hi = edges[:-2], edges[1:-1], edges[2:]                      # (64,) each
+    up = (bins_mel[:, None] - lo) / (mid - lo)                            # (257, 64)
+    down = (hi - bins_mel[:, None]) / (hi - mid)                          # (257, 64)
+    w = torch.clamp(torch.minimum(up, down), min=0.0)
+    w[0] = 0.0
+    return w
+
+
+def vggish_logmel(wave):
+    """VGGish examples of mono 16 kHz waveforms.
+
+    wave: (..., L) float in [-1, 1] (numpy or tensor), L >= 15600. Returns float32 (..., n_patches,
+    96, 64), so (n_patches, 96, 64) for one (L,) waveform, with n_patches = floor(n_frames / 96) and
+    n_frames = 1 + (L - 400) // 160 (no centre padding, incomplete trailing examples dropped, as
+    VGGish). Example k covers samples [15360 k, 15360 k + 15600), so cutting a waveform there and
+    calling this gives the same patch as the whole-clip call.
+    """
+    w = torch.as_tensor(wave).double()
+    if w.dim() == 0 or w.shape[-1] < EXAMPLE_SAMPLES:
+        raise ValueError(f'vggish_logmel wants (..., L) mono waveforms with L >= {EXAMPLE_SAMPLES}, '
+                         f'got shape {tuple(w.shape)}')
+    # frames are cut by hand, not by torch.stft: stft centres a 400-sample window inside the 512 FFT
+    # frame, which shifts every frame by 56 samples against VGGish's frame-then-zero-pad
+    frames = w.unfold(-1, WIN, HOP)                                       # ..., n_frames, 400
+    window = torch.hann_window(WIN, periodic=True, dtype=torch.float64, device=w.device)
+    mag = torch.fft.rfft(frames * window, n=N_FFT).abs()                  # ..., n_frames, 257: magnitude, not power
+    logmel = torch.log(mag @ _mel_matrix().to(w.device) + LOG_OFFSET)     # ..., n_frames, 64
+    n = logmel.shape[-2] // PATCH
+    return logmel[..., :n * PATCH, :].reshape(*logmel.shape[:-2], n, PATCH, N_MELS).float()  # ..., n, 96, 64
+
+
+def vggish_audio(wave):
+    """(..., A, 15600) waveform -> (..., A, 96, 64): one VGGish example per plane (AVSBench `audio`)."""
+    return vggish_logmel(wave)[..., 0, :, :]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -355,6 +414,7 @@ class VPODataset(torch.utils.data.Dataset):
         self.root, self.subset, self.split = root, subset, split
         self.train, self.crop, self.seconds, self.mono, self.seed = train, crop, audio_seconds, mono, seed
         self.classes, self.num_classes = list(vpo.VPO_CLASSES), len(vpo.VPO_CLASSES)
+        self.audio_transform = logmel   # waveform -> model input, for audio rebuilt in the loop (memory bank)
         self.manifest = os.path.join(root, subset, f'{split}.jsonl')
         if rows is None:
             if not os.path.exists(self.manifest):
@@ -403,10 +463,9 @@ class VPODataset(torch.utils.data.Dataset):
         if label.size != image.size:
             raise ValueError(f'{where}: mask {label.size} and image {image.size} differ in size')
         if augment:
-            image, label, flip = self._augment(image, label, rng)
+            image, label, flip = joint_augment(image, label, crop=self.crop, rng=rng)
         elif flip:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
-        x = (np.asarray(image, np.float32) / 255 - MEAN) / STD
         y = np.asarray(label, np.int64)
 
         # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
@@ -433,7 +492,7 @@ class VPODataset(torch.utils.data.Dataset):
         # a memory-bank candidate (App. B.1): one sounding source, mono, with its class and alpha
         j = int(rng.integers(len(waves))) if waves else None
         return {
-            'image': torch.from_numpy(x).permute(2, 0, 1).contiguous(),      # (3, H, W)
+            'image': normalise(image),                                        # (3, H, W)
             'audio': logmel(wave),                                            # (A, T, 64)
             'wave': wave,                                                     # (A, L)
             'label': torch.from_numpy(y),                                     # (H, W)
@@ -444,26 +503,299 @@ class VPODataset(torch.utils.data.Dataset):
             'bank_alpha': float(alphas[j]) if waves else 0.5,
         }
 
-    def _augment(self, image, label, rng):
-        """Colour jitter, random scale 0.5-2.0 + random crop in one resample (PIL's resize box reads
-        only the crop's source region), pad image with its mean colour and mask with 255, flip."""
-        for op in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-            image = op(image).enhance(rng.uniform(0.6, 1.4))
-        W, H = image.size
-        s, c = rng.uniform(0.5, 2.0), self.crop
-        sw, sh = max(1, round(W * s)), max(1, round(H * s))
-        cw, ch = min(c, sw), min(c, sh)
-        x0, y0 = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
-        box = (x0 / s, y0 / s, min(W, (x0 + cw) / s), min(H, (y0 + ch) / s))
-        px, py = int(rng.integers(0, c - cw + 1)), int(rng.integers(0, c - ch + 1))
-        img = Image.new('RGB', (c, c), tuple(int(v * 255) for v in MEAN))
-        img.paste(image.resize((cw, ch), Image.BILINEAR, box=box), (px, py))
-        lab = Image.new('L', (c, c), 255)
-        lab.paste(label.resize((cw, ch), Image.NEAREST, box=box), (px, py))
-        flip = bool(rng.random() < 0.5)
-        if flip:
-            img, lab = img.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
-        return img, lab, flip
+
+def joint_augment(image, label, *, crop, rng, scale=(0.5, 2.0), jitter=0.4):
+    """App. B.1 train transforms, shared by every dataset: colour jitter, random scale 0.5-2.0 + random
+    crop in one resample (PIL's resize box reads only the crop's source region), pad the image with its
+    mean colour and the mask with 255, horizontal flip. PIL image + PIL label in, (image, label, flip) out."""
+    for op in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = op(image).enhance(rng.uniform(1 - jitter, 1 + jitter))
+    W, H = image.size
+    s = rng.uniform(*scale)
+    sw, sh = max(1, round(W * s)), max(1, round(H * s))                    # scaled size
+    cw, ch = min(crop, sw), min(crop, sh)                                  # the part of it kept
+    x0, y0 = int(rng.integers(0, sw - cw + 1)), int(rng.integers(0, sh - ch + 1))
+    box = (x0 / s, y0 / s, min(W, (x0 + cw) / s), min(H, (y0 + ch) / s))   # that part in source pixels
+    px, py = int(rng.integers(0, crop - cw + 1)), int(rng.integers(0, crop - ch + 1))
+    img = Image.new('RGB', (crop, crop), tuple(int(v * 255) for v in MEAN))
+    img.paste(image.resize((cw, ch), Image.BILINEAR, box=box), (px, py))
+    lab = Image.new('L', (crop, crop), 255)
+    lab.paste(label.resize((cw, ch), Image.NEAREST, box=box), (px, py))
+    flip = bool(rng.random() < 0.5)
+    if flip:
+        img, lab = img.transpose(Image.FLIP_LEFT_RIGHT), lab.transpose(Image.FLIP_LEFT_RIGHT)
+    return img, lab, flip
+
+
+def normalise(image):
+    """PIL RGB -> (3, H, W) float32, ImageNet-normalised."""
+    return torch.from_numpy((np.asarray(image, np.float32) / 255 - MEAN) / STD).permute(2, 0, 1).contiguous()
+
+
+# -----------------------------------------------------------------------------------------------
+# AVSBench (Tables 1-3): the paper's other benchmarks, in their released layouts
+
+AVSBENCH = ('s4', 'ms3', 'avss')
+BINARY_CLASSES = ['background', 'foreground']
+# v1s / v1m are the 5 s AVSBench-Object clips (5 frames), v2 the new 10 s clips (10 frames). The
+# official AVSS loader zero-pads v1 clips to 10 frames (black images, all-background labels) and its
+# test counts those padded frames in the metrics; here a sample is a real frame, so there is no padding.
+AVSS_FRAMES = {'v1s': 5, 'v1m': 5, 'v2': 10}
+
+
+def avss_palette(n=71):
+    """(n, 3) uint8 colours of AVSBench's colour masks (labels_rgb): the PASCAL VOC colour map, in
+    which bits 3k, 3k+1, 3k+2 of the class index set bit 7-k of R, G and B."""
+    pal = np.zeros((n, 3), np.uint8)
+    for j in range(n):
+        lab, k = j, 0
+        while lab:
+            for c in range(3):
+                pal[j, c] |= ((lab >> c) & 1) << (7 - k)
+            lab, k = lab >> 3, k + 1
+    return pal
+
+
+def _read_csv(path, columns):
+    """[(line number, row dict)] of a metadata CSV that must have `columns`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is missing (is --root the folder that holds it?)')
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        rows = [(reader.line_num, r) for r in reader]
+    lacking = [c for c in columns if c not in (reader.fieldnames or [])]
+    if lacking:
+        raise ValueError(f'{path} lacks column(s) {lacking}; header is {reader.fieldnames}')
+    return reader.fieldnames, rows
+
+
+def _need(path, where):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} is missing ({where})')
+
+
+def _s4_rows(root, split):
+    path = os.path.join(root, 's4_meta_data.csv')
+    fields, rows = _read_csv(path, ['category', 'split'])
+    out = []
+    for line, r in rows:
+        if r['split'] != split:
+            continue
+        # the video name is read by position, as the official loaders do (header 'name' in the release)
+        name, cat = r[fields[0]], r['category']
+        where = f'{path} line {line}, video {name}'
+        frames = os.path.join(root, 's4_data', 'visual_frames', split, cat, name)
+        masks = os.path.join(root, 's4_data', 'gt_masks', split, cat, name)
+        wav = os.path.join(root, 's4_data', 'audio_wav', split, cat, name + '.wav')
+        for p in (frames, masks, wav):
+            _need(p, where)
+        # S4 train annotates only the first of the 5 frames ([63]); the others have no label, so
+        # they are not samples. val / test annotate all 5.
+        for i in ([1] if split == 'train' else range(1, 6)):
+            out.append(dict(video=name, subset='s4', category=cat, frame=i, segment=i - 1, where=where,
+                            image=os.path.join(frames, f'{name}_{i}.png'),
+                            mask=os.path.join(masks, f'{name}_{i}.png'), audio=wav))
+    return out
+
+
+def _ms3_rows(root, split):
+    path = os.path.join(root, 'ms3_meta_data.csv')
+    fields, rows = _read_csv(path, ['split'])
+    out = []
+    for line, r in rows:
+        if r['split'] != split:
+            continue
+        name = r[fields[0]]
+        where = f'{path} line {line}, video {name}'
+        frames = os.path.join(root, 'ms3_data', 'visual_frames', name)
+        masks = os.path.join(root, 'ms3_data', 'gt_masks', split, name)
+        wav = os.path.join(root, 'ms3_data', 'audio_wav', split, name + '.wav')
+        for p in (frames, masks, wav):
+            _need(p, where)
+        for i in range(1, 6):   # every MS3 frame is annotated, train included
+            out.append(dict(video=name, subset='ms3', category=None, frame=i, segment=i - 1, where=where,
+                            image=os.path.join(frames, f'{name}.mp4_{i}.png'),
+                            mask=os.path.join(masks, f'{name}_{i}.png'), audio=wav))
+    return out
+
+
+def _avss_classes(root):
+    path = os.path.join(root, 'label2idx.json')
+    _need(path, 'AVSS class list')
+    with open(path) as f:
+        idx = json.load(f)
+    names = sorted(idx, key=idx.get)
+    if [idx[n] for n in names] != list(range(len(names))) or idx.get('background') != 0:
+        raise ValueError(f'{path}: indices must be 0..{len(names) - 1} with background = 0')
+    return names
+
+
+def _avss_rows(root, split, subsets):
+    path = os.path.join(root, 'metadata.csv')
+    _, rows = _read_csv(path, ['uid', 'label', 'split'])
+    out = []
+    for line, r in rows:
+        if r['split'] != split or r['label'] not in subsets:
+            continue
+        uid, sub = r['uid'], r['label']
+        where = f'{path} line {line}, uid {uid}'
+        base = os.path.join(root, sub, uid)
+        for p in (os.path.join(base, 'frames'), os.path.join(base, 'labels_semantic'),
+                  os.path.join(base, 'audio.wav')):
+            _need(p, where)
+        # v1s keeps the S4 protocol: in train only frame 0 is annotated (official gt flag 1,0,0,0,0)
+        frames = [0] if (sub == 'v1s' and split == 'train') else range(AVSS_FRAMES[sub])
+        for i in frames:
+            out.append(dict(video=uid, subset=sub, category=r.get('a_obj'), frame=i, segment=i, where=where,
+                            image=os.path.join(base, 'frames', f'{i}.jpg'),
+                            mask=os.path.join(base, 'labels_semantic', f'{i}.png'),
+                            audio=os.path.join(base, 'audio.wav')))
+    return out
+
+
+def _open_frame_file(path, row):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is missing ({row["where"]}, frame {row["frame"]})')
+    return Image.open(path)
+
+
+def binary_label(img):
+    """uint8 (H, W) 0/1 from an S4/MS3 mask. Grey masks (0/255) are thresholded at 128, which is
+    what the official `convert('1')` gives on clean masks (without its dithering of mid greys);
+    palette or 0/1 masks count every non-zero index as foreground."""
+    if img.mode in ('P', '1'):
+        return (np.asarray(img) > 0).astype(np.uint8)
+    grey = np.asarray(img.convert('L'))
+    return (grey >= 128 if grey.max() > 1 else grey > 0).astype(np.uint8)
+
+
+def semantic_label(img, palette, path):
+    """uint8 (H, W) class indices from an AVSS mask: labels_semantic PNGs store the index (mode P or
+    L, 255 = ignore); an RGB colour mask (labels_rgb) is decoded with `palette`, colours not in it
+    (anti-aliasing) become 255."""
+    if img.mode in ('P', 'L'):
+        a = np.array(img, dtype=np.uint8)
+    elif img.mode in ('RGB', 'RGBA'):
+        rgb = np.asarray(img.convert('RGB')).astype(np.int64)
+        key = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]                       # H, W
+        pal = palette.astype(np.int64)
+        pal_key = pal[:, 0] << 16 | pal[:, 1] << 8 | pal[:, 2]                         # N (VOC colours are distinct)
+        order = np.argsort(pal_key)
+        pos = np.clip(np.searchsorted(pal_key[order], key), 0, len(order) - 1)         # H, W
+        a = np.where(pal_key[order][pos] == key, order[pos], 255).astype(np.uint8)
+    else:
+        raise ValueError(f'{path}: mask mode {img.mode} is neither an index PNG (P/L) nor RGB')
+    bad = (a >= len(palette)) & (a != 255)
+    if bad.any():
+        raise ValueError(f'{path}: values {np.unique(a[bad])[:5].tolist()} are not classes '
+                         f'0..{len(palette) - 1} of label2idx.json (or 255)')
+    return a
+
+
+def audio_segment(path, k, row):
+    """(15600,) float32: samples [15360 k, 15360 k + 15600) of the 16 kHz mono audio, i.e. VGGish
+    example k, the one the official precomputed log-mels give frame k + 1 (its 0.96 s "second").
+    Too short for example k: the last complete example (the official S4/MS3 preprocessing repeats
+    the last example); shorter than one example: zero-padded."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} is missing ({row["where"]})')
+    info = sf.info(path)
+    if info.frames == 0:
+        raise ValueError(f'{path} is empty ({row["where"]})')
+    if info.samplerate == SR:
+        n = info.frames
+        k = max(0, min(k, (n - EXAMPLE_SAMPLES) // EXAMPLE_HOP))
+        w, _ = sf.read(path, start=k * EXAMPLE_HOP, stop=k * EXAMPLE_HOP + EXAMPLE_SAMPLES,
+                       dtype='float32', always_2d=True)                                # L, C
+        w = torch.from_numpy(w).mean(1)                                                # L: VGGish averages channels
+    else:
+        # official: resampy over the whole file; torchaudio's sinc resampler differs slightly
+        w, sr = sf.read(path, dtype='float32', always_2d=True)
+        w = torchaudio.functional.resample(torch.from_numpy(w).mean(1), sr, SR)
+        k = max(0, min(k, (len(w) - EXAMPLE_SAMPLES) // EXAMPLE_HOP))
+        w = w[k * EXAMPLE_HOP:k * EXAMPLE_HOP + EXAMPLE_SAMPLES]
+    return F.pad(w, (0, EXAMPLE_SAMPLES - len(w)))
+
+
+class AVSBenchDataset(torch.utils.data.Dataset):
+    """One sample per annotated frame of AVSBench `name` (s4 | ms3 | avss), `split` (train | val | test).
+
+    Returns the VPODataset dict: image (3, H, W) ImageNet-normalised; audio (1, 96, 64) VGGish
+    log-mel of the frame's second (A = 1: AVSBench is mono); wave (1, 15600) that waveform; label
+    (H, W) int64 (S4/MS3 0/1, AVSS 0..70, 255 ignore / pad); t (num_classes,) multi-hot of the classes
+    in the frame's mask, taken as the classes heard (AVSBench masks only sounding objects; t[0] = 0);
+    index. Memory bank (App. B.1): a frame with exactly one class in t is a single-source candidate,
+    bank_wave = its waveform (15600,), bank_cls = that class; otherwise bank_wave = zeros and
+    bank_cls = 0, which MemoryBank.push and bank_swap skip (the VPO convention for "no candidate").
+    bank_alpha = 0.5: mono audio has no position. On binary S4 / MS3 every sounding frame is class 1,
+    so the bank does nothing useful there.
+
+    resize: 224 for the resized protocol (Tables 1-2), None for original resolution (Table 3).
+    crop: train crop side; None -> `resize` if given, else 512 (App. B.1). subsets: AVSS only, a
+    subset of (v1s, v1m, v2) for the per-subset columns of Table 3. As VPODataset, augmentation is a
+    pure function of (seed, epoch, index): index with (epoch, i) (train.EpochSampler) or with i (epoch 0).
+    No `load()`: the audio probes need instance maps and stereo, so evaluate.py skips them here.
+    """
+
+    def __init__(self, root, name, split, *, train=False, crop=None, resize=None, subsets=None, seed=0):
+        if name not in AVSBENCH:
+            raise ValueError(f'--data {name!r}: AVSBench name must be one of {AVSBENCH}')
+        if split not in ('train', 'val', 'test'):
+            raise ValueError(f'split {split!r} must be train, val or test')
+        if subsets is not None and name != 'avss':
+            raise ValueError(f'subsets={subsets} only applies to avss, not {name}')
+        subsets = tuple(subsets or AVSS_FRAMES)
+        if not set(subsets) <= set(AVSS_FRAMES):
+            raise ValueError(f'subsets={subsets}: AVSS subsets are {tuple(AVSS_FRAMES)}')
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'--root {root} is not a folder')
+        if name == 'avss':
+            self.classes = _avss_classes(root)
+            self.rows = _avss_rows(root, split, subsets)
+        else:
+            self.classes = list(BINARY_CLASSES)
+            self.rows = (_s4_rows if name == 's4' else _ms3_rows)(root, split)
+        if not self.rows:
+            raise ValueError(f'no {split} frames for {name} under {root}'
+                             + (f' in subsets {subsets}' if name == 'avss' else ''))
+        self.num_classes = len(self.classes)
+        self.subset, self.split = name, split
+        self.palette = avss_palette(self.num_classes) if name == 'avss' else None
+        self.train, self.resize, self.seed = train, resize, seed
+        self.crop = crop or resize or 512
+        self.audio_transform = vggish_audio
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        row = self.rows[index]
+        image = _open_frame_file(row['image'], row).convert('RGB')
+        mask = _open_frame_file(row['mask'], row)
+        label = (binary_label(mask) if self.palette is None
+                 else semantic_label(mask, self.palette, row['mask']))                 # H, W uint8
+        if label.shape != (image.height, image.width):
+            raise ValueError(f'{row["mask"]} is {label.shape[::-1]} (w, h) but {row["image"]} is '
+                             f'{image.size}')
+        # classes heard, from the full-size mask, before a crop can cut an object out
+        t = torch.zeros(self.num_classes)
+        present = np.unique(label)
+        t[torch.from_numpy(present[(present > 0) & (present < self.num_classes)].astype(np.int64))] = 1.0
+        label = Image.fromarray(label)
+        if self.resize:   # Tables 1-2: resize x resize, aspect not kept, as the official test loaders
+            image = image.resize((self.resize, self.resize), Image.BILINEAR)
+            label = label.resize((self.resize, self.resize), Image.NEAREST)
+        if self.train:    # a flip cannot mirror the audio: AVSBench audio is mono
+            image, label, _ = joint_augment(image, label, crop=self.crop, rng=np.random.default_rng([self.seed, epoch, index]))
+        x, y = normalise(image), torch.from_numpy(np.array(label, dtype=np.int64))        # (3, H, W), (H, W)
+        w = audio_segment(row['audio'], row['segment'], row)[None]                     # A=1, L=15600
+        single = t.sum().item() == 1
+        return {'image': x, 'audio': vggish_audio(w), 'wave': w,                       # audio: A=1, T=96, F=64
+                'label': y, 't': t, 'index': index,
+                'bank_wave': w[0] if single else torch.zeros(EXAMPLE_SAMPLES),
+                'bank_cls': int(t.argmax()) if single else 0,
+                'bank_alpha': 0.5}
 
 
 def resolve_root(name, root=None, *, seed=0, progress=True):
@@ -479,10 +811,15 @@ def resolve_root(name, root=None, *, seed=0, progress=True):
     return ensure_builtin(root, seed=seed, progress=progress), 'builtin'
 
 
-def build_dataset(name, root=None, split='train', *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0):
+def build_dataset(name, root=None, split='train', *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0,
+                  resize=None):
     """The Dataset for --data name on `split` (train / val / test)."""
+    if name in AVSBENCH:
+        if not root:
+            raise ValueError(f'--data {name} needs --root: the folder of the released AVSBench files')
+        return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, resize=resize, seed=seed)
     if name not in VPO_SUBSETS:
-        raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS)}')
+        raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS + AVSBENCH)}')
     path, kind = resolve_root(name, root, seed=seed)
     rows = vpo.read_official(path, name, split) if kind == 'official' else None
     return VPODataset(path, name, split, train=train, crop=crop, audio_seconds=audio_seconds, mono=mono, seed=seed, rows=rows)

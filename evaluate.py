@@ -352,7 +352,7 @@ def save_picture(path, image, label, pred, attn_map, audio_preds, classes):
 # checkpoint (SPEC.md Addendum) and CLI
 
 CKPT_KEYS = ('data', 'num_classes', 'mono', 'backbone', 'output_stride', 'attn', 'heads')
-CKPT_OPTIONAL = ('dim', 'audio_backbone')  # passed when saved, else CAVP's defaults (train.py saves dim only)
+CKPT_OPTIONAL = ('dim', 'audio_backbone')  # passed when saved, else CAVP's defaults
 
 
 def load_checkpoint(path, device, *, data=None, num_classes=None, mono=None):
@@ -391,7 +391,7 @@ def main():
                                 'per-image J / F, audio probes, pictures (Sec. 5.1, App. C).')
     # what to evaluate
     p.add_argument('--ckpt', default=None, help='checkpoint written by train.py, e.g. runs/<name>/best.pt (required)')
-    p.add_argument('--data', default=None, choices=['vpo_ss', 'vpo_ms', 'vpo_msmi'],
+    p.add_argument('--data', default=None, choices=['vpo_ss', 'vpo_ms', 'vpo_msmi', 's4', 'ms3', 'avss'],
                    help="dataset; must match the checkpoint's (default: the checkpoint's)")
     p.add_argument('--root', default=None, help="dataset root (default: the checkpoint's --root)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate')
@@ -414,7 +414,7 @@ def main():
     except (FileNotFoundError, ValueError, KeyError) as e:
         p.error(str(e))
     ds = data.build_dataset(cargs['data'], a.root or cargs['root'], a.split, train=False,
-                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'])
+                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'))
     if ds.num_classes != cargs['num_classes']:
         raise ValueError(f"--ckpt {a.ckpt} has {cargs['num_classes']} classes, the {cargs['data']} "
                          f'dataset {ds.num_classes}')

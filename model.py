@@ -9,6 +9,8 @@ The image branch is run once per image and fused with as many audio inputs as th
 pairs each image with its own and a permuted audio). D = 304 = 256 (ASPP) + 48 (layer1), as official.
 """
 import argparse
+import contextlib
+import pickle
 import os
 import statistics
 import time
@@ -21,8 +23,13 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 IMAGE_BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
 ATTN = ('sigmoid', 'softmax', 'minmax', 'channel', 'tpavi')  # Fig. 6 and Table 5 row 1
-LOW_CHANNELS = 48    # DeepLabV3+ reduces layer1 to 48 channels before the concat
-HEAD_CHANNELS = 256  # width of the two 3x3 fusing convs of the DeepLabV3+ head
+# DeepLabV3+ widths as shares of the fused width D, in the official proportions: D = 304 = 256 (ASPP) + 48
+# (layer1 reduced), head convs 256 wide. A smaller D (the CPU preset's 76 = 64 + 12) scales all three.
+def widths(dim):
+    low = dim * 3 // 19                  # 48 at D = 304
+    return low, dim - low                # (layer1 reduce, ASPP = head width)
+
+
 MLP_RATIO = 2        # f_CA's MLP hidden width = 2 D; official 4 D, halved to keep f_CA under 10% of the image branch
 
 
@@ -74,7 +81,7 @@ def load_weights(net, weights, *, arch, arg):
 # ----------------------------------------------------------------------------- backbones
 
 def resnet_trunk(arch, *, in_planes=3, output_stride=32):
-    """A torchvision ResNet without avgpool/fc, taking `in_planes` input planes, dilated to `output_stride` (8/16/32)."""
+    """A torchvision ResNet without avgpool/fc, with `in_planes` input planes, dilated to `output_stride` 8/16/32."""
     net = getattr(torchvision.models, arch)(weights=None)
     del net.avgpool, net.fc  # unused: we read layer1/layer4 and pool the audio ourselves (no dead parameters)
     if in_planes != 3:
@@ -126,10 +133,93 @@ class AudioResNet(nn.Module):
         return a.amax((2, 3))  # B, 512: global max pool, as official (AdaptiveMaxPool2d)
 
 
+VGGISH_PATCH = 96   # log-mel frames of one VGGish example (0.96 s)
+
+
+class VGGish(nn.Module):
+    """VGG-style audio network: (B, 1, 96, 64) log-mel example -> (B, 128) embedding.
+
+    Module names match the torchvggish checkpoint (`features.{0,3,6,8,11,13}`, `embeddings.{0,2,4}`),
+    so `load_state_dict(sd, strict=True)` works on such a file. The ReLU after the last Linear is
+    kept because torchvggish (and so AVSBench/TPAVI) has it. The PCA whitening + 8-bit quantisation
+    postprocessor is not part of this module: AVSBench runs VGGish with it off
+    (POSTPROCESS_LOG_MEL_WITH_PCA = False), and the rounding has no gradient; `load_vggish_weights`
+    drops `pproc.*` entries by name.
+    """
+    out_dim = 128
+
+    def __init__(self, *, weights=None, freeze=False):
+        super().__init__()
+        # a checkpoint overwrites every parameter, so build on 'meta' and skip the ~3 s random init
+        with torch.device('meta') if weights is not None else contextlib.nullcontext():
+            layers, c_in = [], 1
+            for v in (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M'):
+                if v == 'M':
+                    layers.append(nn.MaxPool2d(2, 2))
+                else:
+                    layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]
+                    c_in = v
+            self.features = nn.Sequential(*layers)
+            self.embeddings = nn.Sequential(
+                nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True),
+                nn.Linear(4096, 4096), nn.ReLU(inplace=True),
+                nn.Linear(4096, self.out_dim), nn.ReLU(inplace=True))
+        if weights is not None:
+            sd = load_vggish_weights(weights)                             # fails before allocating
+            self.to_empty(device='cpu')
+            self.load_state_dict(sd, strict=True)
+        if freeze:
+            # no BatchNorm or dropout in VGGish, so train() and eval() behave the same; freezing
+            # is only requires_grad
+            self.requires_grad_(False)
+
+    def forward(self, a):
+        if a.dim() != 4 or tuple(a.shape[1:]) != (1, VGGISH_PATCH, 64):
+            raise ValueError(f'VGGish expects (B, 1, {VGGISH_PATCH}, 64) log-mel, got {tuple(a.shape)}')
+        x = self.features(a)                                              # B, 512, 6, 4
+        # flatten in (H, W, C) order: the weights come from TensorFlow (NHWC), so the first Linear's
+        # columns are laid out that way
+        x = x.permute(0, 2, 3, 1).flatten(1)                              # B, 6*4*512
+        return self.embeddings(x)                                         # B, 128
+
+
+def load_vggish_weights(path):
+    """State dict of a torchvggish-format checkpoint at `path`, ready for a strict load.
+
+    `pproc.*` (PCA params a whole torchvggish VGGish module carries) are dropped on purpose, see
+    VGGish; any other missing, extra or mis-shaped key raises ValueError naming the file and keys.
+    """
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'--audio-weights: no VGGish checkpoint at {path}') from None
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled objects, e.g. the numpy arrays of vggish_pca_params-*.pth
+        raise ValueError(f'--audio-weights {path} is not a plain tensor state dict (the PCA params '
+                         f'file holds numpy arrays?); give the network checkpoint vggish-*.pth') from None
+    if not isinstance(sd, dict):
+        raise ValueError(f'--audio-weights {path}: expected a state dict, got {type(sd).__name__}')
+    if sd and all(k.startswith('pca_') for k in sd):
+        raise ValueError(f'--audio-weights {path} holds the VGGish PCA parameters {sorted(sd)}, '
+                         f'not the network (torchvggish vggish-*.pth)')
+    sd = {k: v for k, v in sd.items() if not k.startswith('pproc.')}
+    with torch.device('meta'):                                            # shapes only, no 300 MB allocation
+        expected = VGGish().state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f'{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}' for k, v in expected.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f'--audio-weights {path} is not a torchvggish VGGish state dict: '
+                         f'missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}'
+                         f'{" (...)" if max(len(missing), len(unexpected), len(wrong)) > 4 else ""}')
+    return sd
+
+
 # ----------------------------------------------------------------------------- fusion
 
 class CrossAttention(nn.Module):
-    """f_CA (Sec. 4.1), on the pixel tokens t = u_v (B, h, w, D) and the audio token s = LN(u_a) (B, D):
+    """f_CA (Sec. 4.1), on the pixel tokens t = u_v (B, N = h*w, D) and the audio token s = LN(u_a) (B, D):
 
         u_v_hat = t + f_MHA(t, s, s),  f_MHA = W_o [act(q_h k_h^T / sqrt(d)) v_h]_h,  act = sigmoid   (Sec. 4.1)
         z = LN(u_v_hat + MLP(u_v_hat))                         residual MLP + LayerNorm, as official
@@ -139,10 +229,11 @@ class CrossAttention(nn.Module):
     min-max normalised over pixels) | 'channel' (AVSegFormer-style: the audio gives per-channel weights c,
     t + t * c) | 'tpavi' (audio query, softmax over pixel keys, t + t * f_MHA(s, t, t) broadcast to every pixel).
 
-    Deviations from the official block, for speed at 128 x 128 x 304 tokens (measured: `python model.py`): no
+    Deviations from the official block, for speed at 128 x 128 pixel tokens (measured: `python model.py`): no
     pre-LN of u_v (it is the output of BatchNorm + ReLU already; the residual goes onto u_v as in the paper's
-    formula, not onto LN(u_v)), no visual pre-projection MLP / patch-embedding Linears (not in the paper), and the
-    audio token is not updated from the pixels (the official depth-1 block computes that and discards it).
+    formula, not onto LN(u_v)), no visual pre-projection MLP / patch-embedding Linears (not in the paper), an MLP
+    of width 2 D, not 4 D (MLP_RATIO), and the audio token is not updated from the pixels (the official depth-1
+    block computes that and discards it).
 
     One audio token makes a per-pixel q_h projection unnecessary: q_h . k_h = t . (W_q,h^T k_h), so the key is
     mapped back into pixel space once per sample (B, H, D) and the logits cost N*H*D instead of N*D*D; likewise
@@ -181,7 +272,7 @@ class CrossAttention(nn.Module):
         else:
             k, v = self.k(s).view(B, H, d), self.v(s).view(B, H, d)                           # B, H, d
             w_q = torch.einsum('bhe,hec->bhc', k, self.q.weight.view(H, d, D)) / d ** 0.5      # B, H, D = W_q,h^T k_h
-            logits = w_q @ t.transpose(1, 2)                                                   # B, H, N = q_h.k_h/sqrt(d)
+            logits = w_q @ t.transpose(1, 2)                                                   # B, H, N  q.k/sqrt(d)
             if self.attn == 'sigmoid':  # Sec. 4.1: each pixel gated on its own, so many regions can light up
                 attn = logits.sigmoid()
             elif self.attn == 'softmax':  # over pixels: sums to 1 per head, so it fades at large N (Fig. 11b)
@@ -204,13 +295,14 @@ class CAVP(nn.Module):
     backbone: torchvision ResNet of the image branch, dilated to output_stride 8 (paper, official) or 16.
         Deviation: the official ResNet-50 has a deep (three 3x3 conv) stem; we keep torchvision's 7x7 stem so that
         torchvision's ImageNet weights load.
-    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1).
+    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1) | 'vggish' (AVSBench; freeze_audio as AVSBench).
     attn: f_CA activation, one of ATTN.   heads, dim: f_CA heads and width; dim = ASPP width + 48.
     weights, audio_weights: None (random init) | 'imagenet' (local torch hub cache only) | path of a state dict.
     """
 
     def __init__(self, *, num_classes=22, backbone='resnet50', output_stride=8, audio_channels=2,
-                 audio_backbone='resnet18', attn='sigmoid', heads=4, dim=304, weights=None, audio_weights=None):
+                 audio_backbone='resnet18', attn='sigmoid', heads=4, dim=304, weights=None, audio_weights=None,
+                 freeze_audio=False):
         super().__init__()
         if backbone not in IMAGE_BACKBONES:
             raise ValueError(f'backbone={backbone!r}: expected one of {IMAGE_BACKBONES}')
@@ -218,8 +310,9 @@ class CAVP(nn.Module):
             raise ValueError(f'output_stride={output_stride}: expected 8 or 16')
         if attn not in ATTN:
             raise ValueError(f'attn={attn!r}: expected one of {ATTN}')
-        if dim <= LOW_CHANNELS or dim % heads:
-            raise ValueError(f'dim={dim}: must exceed {LOW_CHANNELS} and be divisible by heads={heads}')
+        low_ch, aspp_ch = widths(dim)
+        if low_ch < 1 or dim % heads:
+            raise ValueError(f'dim={dim}: must be >= 7 and divisible by heads={heads}')
         # Image branch f_phi: ResNet + DeepLabV3+ encoder-decoder up to the fusion point.
         self.backbone = resnet_trunk(backbone, output_stride=output_stride)
         load_weights(self.backbone, weights, arch=backbone, arg='weights')
@@ -229,22 +322,26 @@ class CAVP(nn.Module):
         # halve them to 3/6/9 so that the field of view in input pixels equals the official OS-8 model, and so that
         # the small CPU crops (128-192 -> 8-12 px at OS 16) do not turn the rate-18 branch into a 1x1 conv.
         rates = [r * 8 // output_stride for r in (6, 12, 18)]
-        self.aspp = ASPP(high, rates, dim - LOW_CHANNELS)
-        self.reduce = nn.Sequential(nn.Conv2d(low, LOW_CHANNELS, 1, bias=False), nn.BatchNorm2d(LOW_CHANNELS),
+        self.aspp = ASPP(high, rates, aspp_ch)
+        self.reduce = nn.Sequential(nn.Conv2d(low, low_ch, 1, bias=False), nn.BatchNorm2d(low_ch),
                                     nn.ReLU(inplace=True))
         # Audio branch f_gamma. One token per clip, as official: a VPO clip is a static 3 s scene over a still
-        # image, so there is no time to align with; one token also makes f_CA's per-pixel cost tiny (see above).
-        if audio_backbone == 'resnet18':
+        # image, so there is no time to align with; one token also keeps f_CA's per-pixel cost tiny (CrossAttention).
+        if audio_backbone == 'vggish':   # AVSBench (App. B.1, following [63]): (B, 1, 96, 64) -> (B, 128)
+            if audio_channels != 1:
+                raise ValueError('audio_backbone=vggish takes mono audio: audio_channels must be 1')
+            self.audio = VGGish(weights=audio_weights, freeze=freeze_audio)
+        elif audio_backbone == 'resnet18':
             self.audio = AudioResNet(channels=audio_channels, weights=audio_weights)
         else:  # a VGGish branch (B, 1, 96, 64) patches -> (B, 128) would be the next `if`, with its own out_dim
-            raise ValueError(f"audio_backbone={audio_backbone!r}: expected 'resnet18'")
+            raise ValueError(f"audio_backbone={audio_backbone!r}: expected 'resnet18' or 'vggish'")
         self.audio_proj = nn.Linear(self.audio.out_dim, dim)
         self.fusion = CrossAttention(dim=dim, heads=heads, attn=attn)
         # DeepLabV3+ head: two 3x3 fusing convs + a 1x1 classifier over C classes (background included).
         self.head = nn.Sequential(
-            nn.Conv2d(dim, HEAD_CHANNELS, 3, padding=1, bias=False), nn.BatchNorm2d(HEAD_CHANNELS), nn.ReLU(inplace=True),
-            nn.Conv2d(HEAD_CHANNELS, HEAD_CHANNELS, 3, padding=1, bias=False), nn.BatchNorm2d(HEAD_CHANNELS),
-            nn.ReLU(inplace=True), nn.Conv2d(HEAD_CHANNELS, num_classes, 1))
+            nn.Conv2d(dim, aspp_ch, 3, padding=1, bias=False), nn.BatchNorm2d(aspp_ch), nn.ReLU(inplace=True),
+            nn.Conv2d(aspp_ch, aspp_ch, 3, padding=1, bias=False), nn.BatchNorm2d(aspp_ch),
+            nn.ReLU(inplace=True), nn.Conv2d(aspp_ch, num_classes, 1))
 
     def forward_image(self, x):
         """x (B, 3, H, W), ImageNet-normalised -> {'u_v': (B, D, H/4, W/4), 'size': (H, W)}. Run once per image."""
@@ -259,7 +356,8 @@ class CAVP(nn.Module):
         return self.audio_proj(self.audio(a))
 
     def fuse(self, u_v, u_a):
-        """f_CA (Sec. 4.1): u_v (B, D, h, w), u_a (B, D) -> z (B, D, h, w), attn (B, heads, h, w)."""
+        """f_CA (Sec. 4.1): u_v (B, D, h, w), u_a (B, D) -> z (B, D, h, w), attn (B, heads, h, w).
+        z has channels-last strides (it is LayerNorm's output over pixel tokens): use reshape, not view."""
         if u_v.shape[0] != u_a.shape[0]:
             raise ValueError(f'fuse: u_v has batch {u_v.shape[0]} but u_a has {u_a.shape[0]}')
         return self.fusion(u_v, u_a)
@@ -269,7 +367,7 @@ class CAVP(nn.Module):
         return F.interpolate(self.head(z), size=size, mode='bilinear', align_corners=False)
 
     def forward(self, x, a):
-        """x (B, 3, H, W), a (B, A, T, F) -> dict(logits (B, C, H, W), z (B, D, H/4, W/4), attn (B, heads, H/4, W/4))."""
+        """x (B, 3, H, W), a (B, A, T, F) -> dict(logits (B, C, H, W), z (B, D, H/4, W/4), attn (B, heads, H/4, W/4))"""
         u_v = self.forward_image(x)['u_v']   # 1. image branch u_v = f_phi(x)          B, D, H/4, W/4
         u_a = self.forward_audio(a)          # 2. audio branch u_a = f_gamma(a)        B, D
         z, attn = self.fuse(u_v, u_a)        # 3. z = f_CA(u_v, u_a) (Sec. 4.1)        B, D, H/4, W/4

@@ -35,17 +35,18 @@ PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, batch_size=16, epochs=80, lr=1e-3,
                   head_lr_mult=10.0, audio_seconds=3.0, max_anchors=512, eval_every=1, workers=8,
                   optimizer='sgd', dim=304),
-    'cpu': dict(backbone='resnet18', output_stride=16, crop=128, batch_size=16, epochs=10, lr=1e-2,
-                head_lr_mult=1.0, audio_seconds=1.0, max_anchors=256, eval_every=2, workers=1,
-                optimizer='sgd', dim=304),
+    'cpu': dict(backbone='resnet18', output_stride=16, crop=96, batch_size=16, epochs=3, lr=2e-2,
+                head_lr_mult=1.0, audio_seconds=1.0, max_anchors=256, eval_every=1, workers=1,
+                optimizer='sgd', dim=76),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
-    p.add_argument('--data', default='vpo_ss', choices=data.VPO_SUBSETS, help='benchmark subset (Sec. 3)')
-    p.add_argument('--root', default=None, help='VPO folder from vpo.py, the official release, or the built-in cache (default data/)')
+    p.add_argument('--data', default='vpo_ss', choices=data.VPO_SUBSETS + data.AVSBENCH, help='benchmark: VPO subset (Sec. 3) or AVSBench s4 / ms3 / avss (Tables 1-3)')
+    p.add_argument('--root', default=None, help='VPO folder from vpo.py, the official release, the built-in cache (default data/), or an AVSBench release')
+    p.add_argument('--resize', type=int, default=None, help='AVSBench: resize frames to N x N (Tables 1-2 use 224); default original resolution (Table 3)')
     p.add_argument('--preset', default='auto', choices=['auto', 'paper', 'cpu'],
                    help="defaults for the flags left unset: 'paper' = App. B.1; 'cpu' = small demo; auto = cpu without CUDA")
     p.add_argument('--crop', type=int, default=None, help='train crop size (paper 512)')
@@ -59,7 +60,9 @@ def get_args(argv=None):
     p.add_argument('--attn', default='sigmoid', choices=['sigmoid', 'softmax', 'minmax', 'channel', 'tpavi'], help='f_CA activation / variant (Sec. 4.1, Fig. 6, Table 5)')
     p.add_argument('--heads', type=int, default=4, help='attention heads of f_CA')
     p.add_argument('--weights', default='auto', help="image backbone init: 'imagenet' (local torch hub cache), a checkpoint path, 'none'; auto = imagenet on real data, none on the built-in source")
-    p.add_argument('--audio-weights', default=None, help='audio backbone checkpoint path (default random init)')
+    p.add_argument('--audio-backbone', default=None, choices=['resnet18', 'vggish'], help='audio branch: resnet18 (VPO) or vggish (AVSBench); default by --data')
+    p.add_argument('--audio-weights', default=None, help='audio backbone checkpoint path (default random init; torchvggish file for vggish)')
+    p.add_argument('--freeze-audio', action='store_true', help='do not train the audio backbone (AVSBench freezes VGGish)')
     # loss (Sec. 4.2)
     p.add_argument('--contrast', default='cavp', choices=['none', 'supcon', 'cavp'], help='contrastive term (Table 5)')
     p.add_argument('--cavp-weight', type=float, default=1.0, help='lambda of Eq. 5')
@@ -96,6 +99,10 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     preset = args.preset if args.preset != 'auto' else ('paper' if torch.cuda.is_available() else 'cpu')
     args.preset = preset
+    if args.data in data.AVSBENCH:   # AVSBench: mono 1 s VGGish examples (App. B.1, following [63])
+        args.audio_backbone = args.audio_backbone or 'vggish'
+        args.mono, args.audio_seconds = True, 0.975
+    args.audio_backbone = args.audio_backbone or 'resnet18'
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -114,15 +121,19 @@ class Step(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, a, a_perm=None, tick=lambda name: None):
+    def forward(self, x, a, perm=None, rows=None, a_bank=None, tick=lambda name: None):
         m = self.model
         u_v = m.forward_image(x)['u_v']                                  # 1. image branch -> B, D, H/4, W/4
-        z, _ = m.fuse(u_v, m.forward_audio(a))                          # 2. f_CA with its own audio -> B, D, h, w
-        logits = m.classify(z, tuple(x.shape[-2:]))                     # 3. classifier -> B, C, H, W
+        u_a = m.forward_audio(a)                                         # 2. audio branch -> B, D
+        z, _ = m.fuse(u_v, u_a)                                          # 3. f_CA with its own audio -> B, D, h, w
+        logits = m.classify(z, tuple(x.shape[-2:]))                      # 4. classifier -> B, C, H, W
         tick('forward')
         z_perm = None
-        if a_perm is not None:                                          # 4. Eq. 1: the permuted pairing
-            z_perm, _ = m.fuse(u_v, m.forward_audio(a_perm))            #    B, D, h, w (no second image pass)
+        if perm is not None:   # 5. Eq. 1: the permuted pairing reuses u_v and u_a (no second image or audio pass)
+            u_a_perm = u_a[perm]                                         #    B, D
+            if rows:           #    ... except the memory-bank clips (App. B.1), which are new audio
+                u_a_perm = u_a_perm.index_put((torch.tensor(rows, device=u_a.device),), m.forward_audio(a_bank))
+            z_perm, _ = m.fuse(u_v, u_a_perm)                            #    B, D, h, w
         tick('cavp_fuse')
         return logits, z, z_perm
 
@@ -213,21 +224,21 @@ def main(argv=None):
             raise FileNotFoundError(f'--resume {args.resume}: no such checkpoint')
         ckpt = torch.load(args.resume, map_location='cpu', weights_only=False)
         saved = ckpt['args']
-        for k in ('data', 'backbone', 'output_stride', 'dim', 'attn', 'heads', 'mono', 'audio_seconds'):
+        for k in ('data', 'backbone', 'output_stride', 'dim', 'attn', 'heads', 'mono', 'audio_seconds', 'audio_backbone', 'resize'):
             if saved.get(k) != getattr(args, k):
                 say(f'note: --resume uses the checkpoint\'s {k}={saved.get(k)!r} (command line said {getattr(args, k)!r})')
                 setattr(args, k, saved.get(k))
 
     # ---- data ----
-    if master:   # the built-in source is generated once, by rank 0, before anyone reads it
+    if master and args.data not in data.AVSBENCH:   # the built-in source is generated once, by rank 0
         data.resolve_root(args.data, args.root, seed=args.seed)
     if ddp:
         dist.barrier()
-    source = data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
+    source = 'avsbench' if args.data in data.AVSBENCH else data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
         args.weights = 'none' if source == 'builtin' else 'imagenet'
     mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop,
-                                                 audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed)
+                                                 audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize)
     train_set, val_set, test_set = mk('train', True), mk('val', False), mk('test', False)
     if args.limit:
         for ds in (train_set, val_set, test_set):
@@ -247,14 +258,15 @@ def main(argv=None):
     # ---- model, optimizer ----
     model = CAVP(num_classes=train_set.num_classes, backbone=args.backbone, output_stride=args.output_stride,
                  audio_channels=1 if args.mono else 2, attn=args.attn, heads=args.heads, dim=args.dim,
+                 audio_backbone=args.audio_backbone, freeze_audio=args.freeze_audio,
                  weights=None if args.weights == 'none' else args.weights, audio_weights=args.audio_weights)
     args.num_classes = train_set.num_classes
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    backbone_params = list(model.backbone.parameters())
+    backbone_params = [q for q in model.backbone.parameters() if q.requires_grad]
     ids = {id(q) for q in backbone_params}
-    other = [q for q in model.parameters() if id(q) not in ids]
+    other = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]   # --freeze-audio leaves some out
     groups = [{'params': backbone_params, 'mult': 1.0}, {'params': other, 'mult': args.head_lr_mult}]
     if args.optimizer == 'sgd':
         opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -337,10 +349,10 @@ def main(argv=None):
                     g['lr'] = lr * g['mult']
                 seed = args.seed * 1_000_003 + step * world + rank   # pairing, bank and sampling: a function of the step
                 gen, gen_dev = torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed)
-                a_perm = a_hot = None
+                perm = rows = a_bank = a_hot = None
                 if args.contrast == 'cavp':   # Eq. 1: random audio-visual pairing inside the batch
                     perm = L.pair_permutation(per_rank, generator=gen)
-                    a_perm, a_hot = a[perm], t[perm].bool()
+                    a_hot = t[perm.to(device)].bool()
                     swap = L.bank_swap(perm, batch['t'], batch['bank_cls'], rate=args.bank_rate, stored=bank.stored(), generator=gen)
                     if swap.any():   # App. B.1: the bank clip really replaces the audio (NOTES bug 3)
                         rows = swap.nonzero()[:, 0].tolist()
@@ -348,13 +360,12 @@ def main(argv=None):
                         for i in rows:
                             clip = bank.sample(int(batch['bank_cls'][i]), generator=gen).numpy()
                             waves.append(clip[None] if args.mono else vpo.pan(clip, float(batch['bank_alpha'][i]), sr=data.SR, itd=train_set.itd))
-                        a_perm = a_perm.clone()
-                        a_perm[rows] = data.logmel(torch.from_numpy(np.stack(waves)).float().to(device))
+                        a_bank = train_set.audio_transform(torch.from_numpy(np.stack(waves)).float().to(device))
                         a_hot = torch.where(swap.to(device)[:, None], F.one_hot(batch['bank_cls'].to(device), t.shape[1]).bool(), a_hot)
                     bank.push(batch['bank_wave'], batch['bank_cls'])
                 tick('cavp_pair')
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits, z, z_perm = step_module(x, a, a_perm, tick)
+                    logits, z, z_perm = step_module(x, a, None if perm is None else perm.to(device), rows, a_bank, tick)
                     ce = F.cross_entropy(logits.float(), y, ignore_index=255)          # Eq. 5, original pairs only
                     cl = torch.zeros((), device=device)
                     if args.contrast == 'cavp':

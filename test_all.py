@@ -1,0 +1,1946 @@
+"""The cavp test suite: mathematics on tiny tensors and a tiny built-in source, on CPU, fast.
+
+    pytest test_all.py            # the whole suite (< 10 min on 2 cores)
+    pytest test_all.py -k loss    # one area
+"""
+import copy
+import csv
+import filecmp
+import functools
+import json
+import math
+import numpy as np
+import os
+import pytest
+import soundfile as sf
+import sys
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import types
+
+from PIL import Image
+
+import data
+import evaluate as ev
+import loss
+import model
+import train
+import vpo
+from data import AVSBenchDataset, EXAMPLE_HOP, EXAMPLE_SAMPLES, joint_augment, avss_palette, binary_label, normalise, semantic_label, vggish_logmel
+from model import ATTN, CAVP, VGGish, load_vggish_weights
+from pycocotools import mask as maskutils
+
+
+@pytest.fixture(scope='session')
+def builtin(tmp_path_factory):
+    """A tiny built-in source (the same code path as the default run, fewer images)."""
+    root = tmp_path_factory.mktemp('builtin')
+    return data.ensure_builtin(str(root), n_train=30, n_val=10, clips_per_class=3, progress=False)
+
+
+# ====================================================================================================
+# loss.py: CAVP anchor sets and loss (Sec. 4.2, Eqs. 1-5)
+# ====================================================================================================
+
+
+C = 22
+CAR, CAT, DOG, HORSE = 5, 6, 9, 12       # indices in vpo.VPO_CLASSES
+
+
+def hot(*classes, n=1):
+    """(n, C) multi-hot rows of the given classes."""
+    t = torch.zeros(n, C)
+    t[:, list(classes)] = 1
+    return t
+
+
+# ---- brute-force references, loops straight from the definitions of issue 4 / Khosla et al. ----
+
+def _similarities(z):
+    rows = [[v / math.sqrt(sum(x * x for x in r)) for v in r] for r in z.tolist()]
+    return [[sum(a * b for a, b in zip(ri, rj)) for rj in rows] for ri in rows]
+
+
+def ref_cavp(z, role, tau):
+    s, role, n = _similarities(z), role.tolist(), len(role)
+    losses = []
+    for i in range(n):
+        c = role[i]
+        if c < 0:                                                   # roles -1, -2 are no anchors
+            continue
+        positives = [j for j in range(n) if j != i and role[j] == c]
+        if c >= 1:
+            negatives = [j for j in range(n) if role[j] >= 0 and role[j] != c]     # N_fg
+        else:
+            negatives = [j for j in range(n) if role[j] >= 1]                     # N_bg = E_fg
+        if not positives:
+            continue
+        neg = sum(math.exp(s[i][k] / tau) for k in negatives)
+        terms = []
+        for p in positives:
+            e = math.exp(s[i][p] / tau)
+            terms.append(-math.log(e / (e + neg)))
+        losses.append(sum(terms) / len(terms))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+def ref_supcon(z, y, tau):
+    s, y, n = _similarities(z), y.tolist(), len(y)
+    losses = []
+    for i in range(n):
+        if y[i] == 255:
+            continue
+        positives = [j for j in range(n) if j != i and y[j] == y[i]]
+        others = [j for j in range(n) if j != i and y[j] != 255]
+        if not positives:
+            continue
+        den = sum(math.exp(s[i][a] / tau) for a in others)
+        losses.append(sum(-math.log(math.exp(s[i][p] / tau) / den) for p in positives) / len(positives))
+    return sum(losses) / len(losses) if losses else 0.0
+
+
+# ---- anchor_sets (Eq. 2) ----
+
+def test_anchor_sets_single_source():
+    y = torch.tensor([0, DOG, 255])
+    own = hot(DOG, n=3)
+    assert loss.anchor_sets(y, own, own).tolist() == [0, DOG, -2]                 # matched pair
+    assert loss.anchor_sets(y, own, own).dtype == torch.long
+    assert loss.anchor_sets(y, hot(CAR, n=3), own).tolist() == [-1, 0, -2]        # dog silent, bg unknown
+    assert loss.anchor_sets(y, hot(DOG, n=3), own).tolist() == [0, DOG, -2]       # another dog clip
+
+
+def test_anchor_sets_multi_source_partial_overlap():
+    y = torch.tensor([0, DOG, CAT, 255])
+    own = hot(DOG, CAT, n=4)
+    # image {dog, cat} with audio {dog, car}: dog sounds, cat silent, bg might be an unlabelled car
+    assert loss.anchor_sets(y, hot(DOG, CAR, n=4), own).tolist() == [-1, DOG, 0, -2]
+    # audio {dog} brings no new class: bg is background, cat silent
+    assert loss.anchor_sets(y, hot(DOG, n=4), own).tolist() == [0, DOG, 0, -2]
+    assert loss.anchor_sets(y, own, own).tolist() == [0, DOG, CAT, -2]
+
+
+def test_anchor_sets_multi_instance_and_batch_rows():
+    # MSMI: two dogs, only one sounds (the silent dog is labelled 0); rows of two different images
+    y = torch.tensor([DOG, 0, 0, HORSE, 0])
+    own = torch.cat([hot(DOG, n=3), hot(HORSE, n=2)])
+    paired = torch.cat([hot(DOG, n=3), hot(DOG, n=2)])      # image 2 hears image 1's dog
+    assert loss.anchor_sets(y, own, own).tolist() == [DOG, 0, 0, HORSE, 0]
+    assert loss.anchor_sets(y, paired, own).tolist() == [DOG, 0, 0, 0, -1]
+    # bool and float inputs agree
+    assert torch.equal(loss.anchor_sets(y, paired.bool(), own.bool()), loss.anchor_sets(y, paired, own))
+
+
+def test_anchor_sets_rejects_bad_labels():
+    with pytest.raises(ValueError, match='anchor_sets'):
+        loss.anchor_sets(torch.tensor([0, 30]), hot(DOG, n=2), hot(DOG, n=2))
+
+
+# ---- cavp_loss (Eqs. 3-5) against the brute force ----
+
+@pytest.mark.parametrize('seed', range(6))
+def test_cavp_loss_matches_bruteforce(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(30, 61, (1,), generator=g))
+    z = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    role = torch.tensor([-2, -1, 0, 0, 1, 2, 3])[torch.randint(0, 7, (n,), generator=g)]
+    for tau in (0.1, 0.5):
+        assert abs(loss.cavp_loss(z, role, tau).item() - ref_cavp(z, role, tau)) < 1e-5
+    assert abs(loss.cavp_loss(z.float(), role).item() - ref_cavp(z, role, 0.1)) < 1e-4   # float32 too
+
+
+EDGE_ROLES = {
+    'empty': [],
+    'all_unknown': [-1] * 10,
+    'unknown_and_ignore': [-1, -2, -1, -2],
+    'single_class': [3] * 8,                      # positives, no negatives: -log 1 = 0
+    'single_class_and_unknown': [3, 3, 3, -1, -1, -2],
+    'only_background': [0] * 6,
+    'no_positives': [0, 1, 2, 3, -1],
+    'single_anchor': [2],
+    'fg_and_bg': [0, 0, 0, 4, 4, -1],
+    'singleton_fg': [0, 0, 0, 5, -2],             # the fg pixel has no positive, is still a bg negative
+}
+
+
+@pytest.mark.parametrize('name', EDGE_ROLES)
+def test_cavp_loss_edge_cases(name):
+    role = torch.tensor(EDGE_ROLES[name], dtype=torch.long)
+    z = torch.randn(len(role), 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z.requires_grad_()
+    value = loss.cavp_loss(z, role)
+    assert torch.isfinite(value)
+    assert abs(value.item() - ref_cavp(z.detach(), role, 0.1)) < 1e-5
+    value.backward()                               # an empty loss still backpropagates
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_gradients_finite_in_hard_regimes():
+    g = torch.Generator().manual_seed(2)
+    role = torch.tensor([0, 0, 1, 1, 2, -1, -2, 3])
+    for scale, tau, dtype in [(1.0, 0.1, torch.float32), (1e4, 0.01, torch.float32), (1e-3, 0.05, torch.float16)]:
+        z = (torch.randn(8, 16, generator=g) * scale).to(dtype).requires_grad_()
+        value = loss.cavp_loss(z, role, tau)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    # identical features: every similarity equal
+    z = torch.ones(8, 4, requires_grad=True)
+    loss.cavp_loss(z, role).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_sgd_on_z_lowers_the_loss():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 8, generator=g).requires_grad_()
+    role = torch.randint(-1, 4, (40,), generator=g)
+    first = loss.cavp_loss(z, role).item()
+    for _ in range(10):                          # plain SGD, lr 2 (torch.optim costs seconds to import)
+        z.grad = None
+        loss.cavp_loss(z, role).backward()
+        with torch.no_grad():
+            z -= 2 * z.grad
+    assert loss.cavp_loss(z, role).item() < 0.5 * first
+
+
+# ---- supcon_loss (Table 5) ----
+
+def test_supcon_hand_case():
+    # three unit vectors of class 1 (two along x, one along y), one of class 2 along -x, one ignored
+    z = torch.tensor([[1., 0.], [1., 0.], [0., 1.], [-1., 0.], [0., -1.]])
+    y = torch.tensor([1, 1, 1, 2, 255])
+    e = math.e
+    # Khosla: anchor 0 -> positives 1 (s=1), 2 (s=0); denominator over 1, 2, 3: e + 1 + 1/e
+    a0 = (-(1 - math.log(e + 1 + 1 / e)) - (0 - math.log(e + 1 + 1 / e))) / 2     # same for anchor 1
+    a2 = -(0 - math.log(3)) * 1                                                    # s = 0 to 0, 1, 3
+    expected = (2 * a0 + a2) / 3                                                   # anchor 3: no positive
+    assert abs(loss.supcon_loss(z, y, tau=1.0).item() - expected) < 1e-6
+    assert abs(loss.supcon_loss(z, y, tau=1.0).item() - ref_supcon(z, y, 1.0)) < 1e-6
+    # the CAVP denominator (positive at hand + negatives) gives a different number on this case...
+    assert abs(loss.cavp_loss(z, torch.tensor([1, 1, 1, 2, -2]), 1.0).item() - expected) > 1e-2
+    # ...and the same one when every anchor has a single positive
+    y2, role2 = torch.tensor([1, 1, 2, 2]), torch.tensor([1, 1, 2, 2])
+    assert abs(loss.supcon_loss(z[:4], y2, 1.0).item() - loss.cavp_loss(z[:4], role2, 1.0).item()) < 1e-6
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_supcon_matches_bruteforce(seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 2, 255])[torch.randint(0, 5, (40,), generator=g)]
+    value = loss.supcon_loss(z, y)
+    assert abs(value.item() - ref_supcon(z.detach(), y, 0.1)) < 1e-5
+    value.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+# ---- sampling (Table 6) ----
+
+def _roles():
+    counts = {0: 5000, 1: 300, 2: 1000, -1: 400, -2: 100}
+    role = torch.cat([torch.full((c,), r) for r, c in counts.items()])
+    return role[torch.randperm(len(role), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize('pos_frac,n_fg,n_bg', [(0.1, 28, 252), (0.5, 256, 256), (0.9, 512, 57)])
+def test_sample_pixels_caps_and_proportion(pos_frac, n_fg, n_bg):
+    role = _roles()
+    idx = loss.sample_pixels(role, max_anchors=256, pos_frac=pos_frac, generator=torch.Generator().manual_seed(1))
+    picked = role[idx]
+    assert len(idx.unique()) == len(idx)
+    assert (picked >= 0).all()                                   # never E_unknown nor ignore
+    assert all((picked == r).sum() <= 256 for r in range(3))     # at most max_anchors per role
+    assert (picked >= 1).sum() == n_fg and (picked == 0).sum() == n_bg
+    assert abs(n_fg / (n_fg + n_bg) - pos_frac) < 0.01
+
+
+def test_sample_pixels_is_random_and_reproducible():
+    role = _roles()
+    pick = lambda s: loss.sample_pixels(role, max_anchors=64, pos_frac=0.5, generator=torch.Generator().manual_seed(s))
+    assert torch.equal(pick(5), pick(5)) and not torch.equal(pick(5), pick(6))
+    with pytest.raises(ValueError, match='pos_frac'):
+        loss.sample_pixels(role, max_anchors=64, pos_frac=1.0)
+    assert len(loss.sample_pixels(torch.full((20,), 3), max_anchors=8, pos_frac=0.5)) == 0   # no E_bg
+    assert len(loss.sample_pixels(torch.zeros(0, dtype=torch.long), max_anchors=8, pos_frac=0.5)) == 0
+
+
+# ---- contrastive_loss: the glue (downsampling, layout, sampling) ----
+
+def _batch():
+    small = torch.zeros(2, 4, 4, dtype=torch.long)               # B, h, w
+    small[0, :2] = 1                                             # image 0: top half class 1
+    small[1, :, :2] = 2                                          # image 1: left half class 2
+    small[1, 2:, 2:] = 255                                       # and an ignored corner
+    y = small.repeat_interleave(2, 1).repeat_interleave(2, 2)    # B, 8, 8
+    y[:, 1::2, :] = 7                                            # nearest must read the top-left pixels only
+    y[:, :, 1::2] = 7
+    z = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return z, y, small, torch.cat([hot(1), hot(2)])
+
+
+def test_contrastive_loss_equals_cavp_on_all_pixels():
+    z, y, small, t = _batch()
+    # 16 E_fg and 12 E_bg pixels: pos_frac 4/7 with a large cap takes every one of them
+    value, stats = loss.contrastive_loss(z, y, t, t, max_anchors=100, pos_frac=4 / 7)
+    role = small.flatten().masked_fill(small.flatten() == 255, -2)
+    expected = loss.cavp_loss(z.permute(0, 2, 3, 1).reshape(-1, 8), role)                 # B*h*w, D
+    assert abs(value.item() - expected.item()) < 1e-10
+    assert stats == dict(n_anchors=28, n_fg=16, n_bg=12, n_unknown=0)
+    value, _ = loss.contrastive_loss(z, y, None, None, mode='supcon', max_anchors=100, pos_frac=4 / 7)
+    assert abs(value.item() - loss.supcon_loss(z.permute(0, 2, 3, 1).reshape(-1, 8), small.flatten()).item()) < 1e-10
+
+
+def test_contrastive_loss_permuted_pairing_stats_and_grad():
+    z, y, _, t = _batch()
+    z = torch.cat([z, z]).requires_grad_()                      # original pairs, then swapped pairs
+    own = torch.cat([t, t])
+    a_hot = torch.cat([t, t.flip(0)])
+    value, stats = loss.contrastive_loss(z, torch.cat([y, y]), a_hot, own, max_anchors=100, pos_frac=0.5,
+                                         generator=torch.Generator().manual_seed(0))
+    assert stats['n_unknown'] == 8 + 4                           # background of both swapped rows
+    assert all(isinstance(v, int) for v in stats.values())
+    value.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+# ---- memory bank (App. B.1) and pairing (Eq. 1) ----
+
+def test_memory_bank_fifo():
+    bank = loss.MemoryBank(num_classes=C, capacity=2)
+    waves = torch.arange(4.).repeat_interleave(3).view(4, 3)    # clip k is all k
+    bank.push(waves, torch.tensor([DOG, DOG, 0, DOG]))          # class 0 is skipped
+    waves[:] = -1                                               # the bank holds copies
+    assert [w[0].item() for w in bank.clips[DOG]] == [1.0, 3.0]  # oldest dropped first
+    assert bank.sample(CAT) is None
+    g = torch.Generator().manual_seed(0)
+    assert {bank.sample(DOG, generator=g)[0].item() for _ in range(30)} == {1.0, 3.0}
+    assert bank.stored().tolist() == [c == DOG for c in range(C)]
+    with pytest.raises(ValueError, match='MemoryBank.push'):
+        bank.push(torch.zeros(2, 3), torch.tensor([1]))
+
+
+def test_bank_swap_only_touches_mismatched_pairs():
+    own = torch.cat([hot(DOG), hot(DOG), hot(CAT), hot(CAR), hot(CAT, DOG)])
+    bank_cls = torch.tensor([DOG, DOG, CAT, CAR, CAT])
+    perm = torch.tensor([1, 0, 3, 2, 4])   # 0<->1 same class, 2<->3 mismatched, 4 fixed point
+    g = torch.Generator().manual_seed(0)
+    assert loss.bank_swap(perm, own, bank_cls, rate=1.0, generator=g).tolist() == [False, False, True, True, False]
+    assert not loss.bank_swap(perm, own, bank_cls, rate=0.0, generator=g).any()
+    stored = torch.zeros(C, dtype=torch.bool)
+    stored[CAT] = True                                           # no car clip yet
+    assert loss.bank_swap(perm, own, bank_cls, rate=1.0, stored=stored).tolist() == [False, False, True, False, False]
+    draws = torch.stack([loss.bank_swap(perm, own, bank_cls, rate=0.5, generator=g) for _ in range(400)])
+    assert draws[:, [0, 1, 4]].sum() == 0 and 0.4 < draws[:, [2, 3]].float().mean() < 0.6
+    # the swapped rows' new audio classes: one-hot of the image's own class
+    swap = loss.bank_swap(perm, own, bank_cls, rate=1.0)
+    a_hot = torch.where(swap[:, None], F.one_hot(bank_cls, C).bool(), own[perm].bool())
+    assert loss.anchor_sets(torch.tensor([CAT]), a_hot[2:3], own[2:3]).tolist() == [CAT]
+
+
+def test_pair_permutation():
+    p = loss.pair_permutation(16, generator=torch.Generator().manual_seed(0))
+    assert sorted(p.tolist()) == list(range(16))
+    assert torch.equal(p, loss.pair_permutation(16, generator=torch.Generator().manual_seed(0)))
+
+
+# ====================================================================================================
+# model.py: backbones, DeepLabV3+, f_CA (Sec. 4.1)
+# ====================================================================================================
+
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """One intra-op thread: on the shared 2-core box a busy neighbour stalls OpenMP's barriers (measured: this file
+    took 85 s with 2 threads under load, 21 s with 1). Restored afterwards, for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return CAVP(**{'backbone': 'resnet18', **kw})
+
+
+@functools.lru_cache(maxsize=None)
+def model_built(attn='sigmoid', os_=8):
+    """Shared eval-mode models (building one costs about as much as the tests that use it); never mutate them."""
+    return tiny(attn=attn, output_stride=os_).eval()
+
+
+def inputs(b=2, size=32, a_channels=2, frames=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, size, size, generator=g), torch.randn(b, a_channels, frames, 64, generator=g)
+
+
+def trunk_forward(net, x):
+    return net.layer4(net.layer3(net.layer2(net.layer1(model.stem(net, x)))))
+
+
+@pytest.mark.parametrize('os_', [8, 16])
+@pytest.mark.parametrize('attn', ATTN)
+def test_shapes_every_variant(attn, os_):
+    m = model_built(attn, os_)
+    x, a = inputs()
+    with torch.no_grad():
+        out = m(x, a)
+    assert out['logits'].shape == (2, 22, 32, 32)
+    assert out['z'].shape == (2, 304, 8, 8)
+    assert out['attn'].shape == (2, 4, 8, 8)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+def test_resnet50_mono_shapes():
+    m = tiny(backbone='resnet50', audio_channels=1, num_classes=5).eval()
+    x, a = inputs(b=1, size=48, a_channels=1, frames=100)
+    with torch.no_grad():
+        out = m(x, a)
+    assert out['logits'].shape == (1, 5, 48, 48) and out['z'].shape == (1, 304, 12, 12)
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('os_', [8, 16])
+def test_dilation_is_a_trous(arch, os_):
+    """Dilated trunk sampled every 32/os pixels == the plain stride-32 trunk with the same weights."""
+    torch.manual_seed(0)
+    plain = model.resnet_trunk(arch).eval()
+    dilated = model.dilate(copy.deepcopy(plain), os_)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y, yd = trunk_forward(plain, x), trunk_forward(dilated, x)
+    assert yd.shape[-1] == 64 // os_
+    k = 32 // os_
+    torch.testing.assert_close(yd[..., ::k, ::k], y, atol=1e-4, rtol=1e-4)
+
+
+def test_bottleneck_dilation_equals_torchvision():
+    tv = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    ours = model.resnet_trunk('resnet50', output_stride=8).eval()
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith('fc.')})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk_forward(ours, x), trunk_forward(tv, x))
+    with pytest.raises(NotImplementedError):  # why resnet_trunk dilates by hand
+        torchvision.models.resnet18(replace_stride_with_dilation=[False, True, True])
+
+
+def plain_fca(f, u_v, u_a, attn):
+    """f_CA written the ordinary way: project every pixel to q (or k, v), then attention."""
+    B, D, h, w = u_v.shape
+    H, d, N = f.heads, D // f.heads, h * w
+    t = u_v.flatten(2).transpose(1, 2)                                  # B, N, D
+    s = f.norm_a(u_a)[:, None]                                          # B, 1, D
+    heads = lambda y: y.view(B, -1, H, d).transpose(1, 2)              # noqa: E731  B, H, n, d
+    if attn == 'tpavi':
+        a = (heads(f.q(s)) @ heads(f.k(t)).transpose(-1, -2) / d ** 0.5).softmax(-1)   # B, H, 1, N
+        u_hat = t + t * f.o((a @ heads(f.v(t))).transpose(1, 2).reshape(B, 1, D))
+    else:
+        logits = heads(f.q(t)) @ heads(f.k(s)).transpose(-1, -2) / d ** 0.5           # B, H, N, 1
+        if attn == 'sigmoid':
+            a = logits.sigmoid()
+        elif attn == 'softmax':
+            a = logits.softmax(2)
+        else:
+            lo, hi = logits.amin(2, keepdim=True), logits.amax(2, keepdim=True)
+            a = (logits - lo) / (hi - lo)
+        u_hat = t + f.o((a @ heads(f.v(s))).transpose(1, 2).reshape(B, N, D))
+    z = f.norm(u_hat + f.mlp(u_hat))                                    # B, N, D
+    return z.transpose(1, 2).reshape(B, D, h, w), a.reshape(B, H, h, w)
+
+
+@pytest.mark.parametrize('attn', ['sigmoid', 'softmax', 'minmax', 'tpavi'])
+def test_folded_attention_equals_plain_mha(attn):
+    torch.manual_seed(0)
+    f = model.CrossAttention(dim=64, heads=4, attn=attn)
+    u_v, u_a = torch.randn(2, 64, 5, 7) * 3, torch.randn(2, 64)
+    z, a = f(u_v, u_a)
+    z_ref, a_ref = plain_fca(f, u_v, u_a, attn)
+    torch.testing.assert_close(a, a_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_channel_attention_is_spatially_uniform_gain():
+    torch.manual_seed(0)
+    f = model.CrossAttention(dim=64, heads=4, attn='channel')
+    assert not hasattr(f, 'q') and not hasattr(f, 'k')
+    u_v, u_a = torch.randn(2, 64, 5, 7), torch.randn(2, 64)
+    z, a = f(u_v, u_a)
+    t = u_v.permute(0, 2, 3, 1)
+    u_hat = t * (1 + f.o(f.v(f.norm_a(u_a))))[:, None, None]
+    torch.testing.assert_close(z, f.norm(u_hat + f.mlp(u_hat)).permute(0, 3, 1, 2))
+    assert (a == 1).all()
+
+
+def test_sigmoid_is_per_pixel_softmax_sums_to_one_over_pixels():
+    torch.manual_seed(0)
+    u_v, u_a = torch.randn(2, 64, 8, 8) * 3, torch.randn(2, 64)
+    crop = (..., slice(0, 4), slice(0, 4))
+    maps = {}
+    for attn in ('sigmoid', 'softmax', 'minmax', 'tpavi'):
+        torch.manual_seed(0)
+        f = model.CrossAttention(dim=64, heads=4, attn=attn)
+        (z, a), (z_crop, a_crop) = f(u_v, u_a), f(u_v[crop], u_a)
+        maps[attn] = (a, z[crop], a[crop], z_crop, a_crop)
+    a, z_part, a_part, z_crop, a_crop = maps['sigmoid']
+    sums = a.sum((2, 3))
+    assert ((a > 0) & (a < 1)).all()
+    assert (sums - 1).abs().min() > 1 and sums.std() > 0.1  # not normalised over pixels, varies per sample/head
+    # sigmoid weighs each pixel on its own: a crop's attention and features do not depend on the other pixels
+    torch.testing.assert_close(a_crop, a_part)
+    torch.testing.assert_close(z_crop, z_part, atol=1e-5, rtol=1e-5)
+    for attn in ('softmax', 'tpavi'):  # normalised over pixels, which breaks that locality
+        a, z_part, a_part, z_crop, a_crop = maps[attn]
+        torch.testing.assert_close(a.sum((2, 3)), torch.ones(2, 4))
+        assert not torch.allclose(a_crop, a_part, atol=1e-3)
+    a = maps['minmax'][0]
+    assert torch.allclose(a.amin((2, 3)), torch.zeros(2, 4)) and torch.allclose(a.amax((2, 3)), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize('attn', ATTN)
+def test_batch_of_one_equals_sample_in_batch(attn):
+    m = model_built(attn)
+    x, a = inputs(b=3)
+    with torch.no_grad():
+        batch, one = m(x, a), m(x[1:2], a[1:2])
+    for k in ('logits', 'z', 'attn'):
+        torch.testing.assert_close(one[k][0], batch[k][1], atol=1e-4, rtol=1e-4)
+
+
+def test_two_audios_one_image_pass_equal_two_forwards():
+    m = model_built()
+    x, a1 = inputs(seed=1)
+    _, a2 = inputs(seed=2)
+    calls = []
+    hook = m.backbone.layer4.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            feats = m.forward_image(x)
+            fused = [m.fuse(feats['u_v'], m.forward_audio(a)) for a in (a1, a2)]
+            logits = [m.classify(z, feats['size']) for z, _ in fused]
+            assert len(calls) == 1
+            full = [m(x, a1), m(x, a2)]
+    finally:
+        hook.remove()
+    for (z, attn), lg, ref in zip(fused, logits, full):
+        torch.testing.assert_close(z, ref['z'])
+        torch.testing.assert_close(attn, ref['attn'])
+        torch.testing.assert_close(lg, ref['logits'])
+    assert not torch.allclose(fused[0][0], fused[1][0])  # the audio does change z
+
+
+def test_gradient_reaches_both_branches():
+    m = tiny().train()
+    x, a = inputs()
+    out = m(x, a)
+    loss = F.cross_entropy(out['logits'], torch.randint(0, 22, (2, 32, 32))) + out['z'].square().mean()
+    loss.backward()
+    for p in (m.backbone.conv1.weight, m.aspp.project[0].weight, m.audio.net.conv1.weight, m.audio_proj.weight,
+              m.fusion.q.weight, m.fusion.k.weight, m.fusion.v.weight, m.head[-1].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_channels_last_runs():
+    m = copy.deepcopy(model_built('softmax')).to(memory_format=torch.channels_last)
+    x, a = inputs()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(x.to(memory_format=torch.channels_last), a)
+    assert out['logits'].shape == (2, 22, 32, 32) and torch.isfinite(out['logits'].float()).all()
+
+
+def test_loads_local_file_strictly_dropping_fc(tmp_path):
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / 'r18.pth')
+    # old torchvision files have no num_batches_tracked: still a strict match
+    torch.save({k: v for k, v in tv.state_dict().items() if 'num_batches' not in k}, tmp_path / 'old.pth')
+    m = tiny(weights=str(tmp_path / 'old.pth'), audio_weights=str(tmp_path / 'r18.pth'))
+    torch.testing.assert_close(m.backbone.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+    torch.testing.assert_close(m.audio.net.layer2[0].bn1.running_var, tv.layer2[0].bn1.running_var)
+    # RGB conv1 -> 2 log-mel planes as a grey image: sum over RGB / 2 per plane
+    torch.testing.assert_close(m.audio.net.conv1.weight, tv.conv1.weight.sum(1, keepdim=True).repeat(1, 2, 1, 1) / 2)
+
+
+def test_mismatched_state_dict_names_keys(tmp_path):
+    state = torchvision.models.resnet18().state_dict()
+    state['layer1.0.conv_1.weight'] = state.pop('layer1.0.conv1.weight')
+    state['extra.bias'] = torch.zeros(3)
+    state['bn1.weight'] = torch.ones(65)
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(RuntimeError) as e:
+        tiny(weights=str(tmp_path / 'bad.pth'))
+    msg = str(e.value)
+    assert 'weights=' in msg and 'bad.pth' in msg
+    assert '1 missing keys (layer1.0.conv1.weight)' in msg
+    assert '2 unexpected keys (extra.bias, layer1.0.conv_1.weight)' in msg
+    assert '1 wrong-shape keys (bn1.weight)' in msg
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / 'r34.pth')
+    with pytest.raises(RuntimeError, match=r"audio_weights=.*\d+ unexpected keys \(layer1\.2\.bn1\.bias, .*, \.\.\.\)"):
+        tiny(audio_weights=str(tmp_path / 'r34.pth'))
+
+
+def test_missing_weights_file():
+    with pytest.raises(FileNotFoundError, match=r"weights='/no/such/r18\.pth': no such file"):
+        tiny(weights='/no/such/r18.pth')
+    with pytest.raises(FileNotFoundError, match=r"audio_weights='/no/such/a\.pth'"):
+        tiny(audio_weights='/no/such/a.pth')
+
+
+def test_imagenet_only_from_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError) as e:
+        tiny(weights='imagenet')
+    assert 'resnet18-f37072fd.pth' in str(e.value) and str(tmp_path / 'checkpoints') in str(e.value)
+    assert 'never downloads' in str(e.value)
+    assert not (tmp_path / 'checkpoints').exists()
+    torch.manual_seed(4)
+    tv = torchvision.models.resnet18()
+    (tmp_path / 'checkpoints').mkdir()
+    torch.save(tv.state_dict(), tmp_path / 'checkpoints' / 'resnet18-f37072fd.pth')
+    m = tiny(weights='imagenet', audio_weights='imagenet', audio_channels=1)
+    torch.testing.assert_close(m.backbone.conv1.weight, tv.conv1.weight)
+    torch.testing.assert_close(m.audio.net.conv1.weight, tv.conv1.weight.sum(1, keepdim=True))
+
+
+def test_bad_arguments_name_themselves():
+    for kw, name in (({'attn': 'relu'}, 'attn'), ({'output_stride': 32}, 'output_stride'),
+                     ({'backbone': 'vgg16'}, 'backbone'), ({'dim': 302}, 'dim'), ({'audio_backbone': 'vggish'},
+                                                                                  'audio_backbone')):
+        with pytest.raises(ValueError, match=name):
+            tiny(**kw)
+
+
+# ====================================================================================================
+# vpo.py: VPO synthesis (Sec. 3, App. A)
+# ====================================================================================================
+
+pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')   # pycocotools + numpy 2
+W, H = 160, 120
+CATS = {'person': 1, 'car': 3, 'airplane': 5, 'sheep': 20, 'dog': 18, 'cat': 17, 'horse': 19, 'zebra': 24,
+        'giraffe': 25}   # giraffe: a non-VPO distractor
+# one template per image kind: (category, box x0, y0, x1, y1, segmentation kind)
+TEMPLATES = [
+    [('dog', 5, 40, 55, 90, 'poly'), ('cat', 100, 30, 150, 80, 'poly'), ('giraffe', 60, 0, 95, 40, 'poly'),
+     ('person', 60, 60, 95, 115, 'poly')],                                   # multi-class, person = male
+    [('airplane', 0, 0, 120, 80, 'poly'), ('car', 80, 50, 150, 110, 'poly')],  # car over airplane (LUT)
+    [('dog', 5, 40, 50, 90, 'poly'), ('dog', 110, 40, 155, 90, 'poly'), ('cat', 60, 40, 100, 80, 'poly'),
+     ('sheep', 0, 0, 40, 30, 'crowd_str'), ('car', 120, 0, 160, 30, 'crowd_list')],  # multi-instance + crowds
+    [('zebra', 40, 20, 120, 100, 'poly')],                                   # a single object
+    [('horse', 10, 10, 70, 100, 'poly'), ('person', 90, 10, 150, 110, 'poly')],  # persons undecided
+    [('dog', 10, 10, 70, 100, 'poly'), ('person', 90, 10, 150, 110, 'rle_str'), ('horse', 80, 0, 100, 20, 'poly')],
+]
+CAPTIONS = {0: ['a man with his dog and cat'] * 5, 4: ['a man and a woman near a horse'] * 5,
+            5: ['a baby with a dog', 'a baby and a puppy', 'a dog', 'a dog', 'a baby elephant toy']}
+
+
+def _rle_list(m):
+    flat = m.ravel(order='F').astype(int)   # COCO RLE runs are column-major, starting with a run of zeros
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return np.diff(np.concatenate([[0], edges])).tolist()
+
+
+def _seg(kind, x0, y0, x1, y1):
+    if kind == 'poly':
+        return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    m = np.zeros((H, W), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    if kind == 'crowd_list':
+        return {'size': [H, W], 'counts': _rle_list(m)}
+    rle = maskutils.encode(np.asfortranarray(m))
+    return {'size': [H, W], 'counts': rle['counts'].decode()}
+
+
+def make_coco(root, n_train=24, n_val=12):
+    os.makedirs(os.path.join(root, 'annotations'))
+    aid = 0
+    for split, n, base in (('train', n_train, 1), ('val', n_val, 1001)):
+        images, anns, caps = [], [], []
+        for i in range(base, base + n):
+            t = i % len(TEMPLATES)
+            images.append({'id': i, 'file_name': f'{i:012d}.jpg', 'height': H, 'width': W})
+            for cat, x0, y0, x1, y1, kind in TEMPLATES[t]:
+                aid += 1
+                anns.append({'id': aid, 'image_id': i, 'category_id': CATS[cat], 'iscrowd': int('crowd' in kind),
+                             'area': float((x1 - x0) * (y1 - y0)), 'bbox': [x0, y0, x1 - x0, y1 - y0],
+                             'segmentation': _seg(kind, x0, y0, x1, y1)})
+            caps += [{'id': len(caps), 'image_id': i, 'caption': c} for c in CAPTIONS.get(t, [])]
+        with open(os.path.join(root, 'annotations', f'instances_{split}2017.json'), 'w') as f:
+            json.dump({'images': images, 'annotations': anns,
+                       'categories': [{'id': v, 'name': k} for k, v in CATS.items()]}, f)
+        with open(os.path.join(root, 'annotations', f'captions_{split}2017.json'), 'w') as f:
+            json.dump({'annotations': caps}, f)
+
+
+def make_audio(root, n=6):
+    for cls, labels in vpo.TABLE7.items():
+        d = os.path.join(root, vpo.folder_name(labels[0]))
+        os.makedirs(d)
+        for k in range(n):
+            sf.write(os.path.join(d, f'{cls[:3]}{k}_{k:06d}.wav'), np.zeros(160, np.float32), 16000)
+
+
+@pytest.fixture(scope='module')
+def vpo_built(tmp_path_factory):
+    root = tmp_path_factory.mktemp('vpo')
+    make_coco(str(root / 'coco'))
+    make_audio(str(root / 'audio'))
+    outs = []
+    for name, workers in (('out1', 1), ('out2', 2)):
+        vpo.build(str(root / 'coco'), str(root / 'audio'), str(root / name), seed=3, val_frac=0.3,
+                  workers=workers, progress=False)
+        outs.append(str(root / name))
+    rows = {(s, p): [json.loads(l) for l in open(os.path.join(outs[0], f'vpo_{s}', f'{p}.jsonl'))]
+            for s in vpo.SUBSETS for p in vpo.SPLITS}
+    return root, outs, rows
+
+
+def test_folder_name():
+    assert vpo.folder_name('male speech, man speaking') == 'male_speech_man_speaking'
+    assert vpo.folder_name('dog bow-wow') == 'dog_bow_wow'
+    assert vpo.folder_name('race car, auto racing') == 'race_car_auto_racing'
+    assert len(vpo.TABLE7) == 21 and set(vpo.TABLE7) == set(vpo.VPO_CLASSES[1:])
+
+
+def test_pan_convention():
+    w = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    s = vpo.pan(w, 0.2)
+    assert s.shape == (2, 1000) and np.abs(s[0]).sum() > np.abs(s[1]).sum()   # left loud for alpha < 0.5
+    np.testing.assert_allclose(s.sum(0), w, rtol=1e-5, atol=1e-6)
+    assert not vpo.pan(w, 0.0)[1].any()
+    with pytest.raises(ValueError):
+        vpo.pan(w, 1.5)
+
+
+def test_itd_delays_far_ear():
+    w = np.random.default_rng(1).standard_normal(400).astype(np.float32)
+    left = vpo.pan(w, 0.1, itd=True)    # source on the left: right ear is far, hears it late
+    d = int(np.argmax([np.dot(left[1, k:], w[:400 - k]) for k in range(20)]))
+    assert 5 <= d <= 11 and np.allclose(left[0], 0.9 * w) and np.allclose(left[1, d:], 0.1 * w[:-d], atol=1e-6)
+    right = vpo.pan(w, 0.95, itd=True)
+    assert np.allclose(right[1], 0.95 * w) and not np.allclose(right[0], 0.05 * w)
+    assert np.array_equal(vpo.pan(w, 0.5, itd=True), vpo.pan(w, 0.5))       # centre: no delay
+    assert vpo.pan(w, 0.0, itd=True).shape == (2, 400) and vpo.pan(w[:3], 0.0, itd=True).shape == (2, 3)
+
+
+def test_mix_never_clips():
+    rng = np.random.default_rng(2)
+    loud = [vpo.pan(rng.uniform(-1, 1, 500), a) for a in (0.1, 0.2, 0.3, 0.9)]
+    m = vpo.mix(loud)
+    assert m.shape == (2, 500) and np.abs(m).max() <= 1.0 + 1e-6
+    quiet = [vpo.pan(0.1 * rng.uniform(-1, 1, 500), a) for a in (0.3, 0.7)]
+    np.testing.assert_allclose(vpo.mix(quiet), quiet[0] + quiet[1], rtol=1e-6)   # no clipping: untouched
+
+
+def test_polygons_are_cut_before_parsing():
+    anns = [{'id': 1, 'segmentation': [[1.5, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12.25]], 'area': 3.0},
+            {'id': 2, 'segmentation': {'size': [4, 4], 'counts': [0, 16]}, 'iscrowd': 1},
+            {'id': 3, 'segmentation': [[1, 2, 3, 4, 5, 6]], 'bbox': [1, 2, 3, 4]}]
+    for text in (json.dumps(anns), json.dumps(anns, separators=(',', ':')), json.dumps(anns, indent=2)):
+        got = json.loads(vpo.POLYGONS.sub(b'"segmentation": 0', text.encode()))
+        assert [a['segmentation'] for a in got] == [0, anns[1]['segmentation'], 0]
+        assert got[2]['bbox'] == [1, 2, 3, 4] and got[0]['area'] == 3.0
+
+
+def test_person_rule(tmp_path):
+    caps = {1: ['A man riding a horse', 'a guy on his horse', 'a horse'], 2: ['a man and a woman'] * 3,
+            3: ['a baby elephant', 'a baby elephant walks'], 4: ['a little girl', 'two girls', 'a girl'],
+            5: ['a baby in a crib', 'an infant sleeping'], 6: ['a man', 'a person'], 7: ['people on a street'] * 5}
+    path = tmp_path / 'captions.json'
+    path.write_text(json.dumps({'annotations': [{'image_id': i, 'caption': c} for i, cs in caps.items() for c in cs]}))
+    got = vpo.person_classes(str(path), set(caps))
+    assert got == {1: 'male', 4: 'female', 5: 'baby'}
+    assert vpo.person_classes(str(tmp_path / 'missing.json'), {1}) == {}   # no captions: all undecided
+
+
+def test_same_seed_identical_bytes(vpo_built):
+    root, (a, b), _ = vpo_built
+    cmp = filecmp.dircmp(a, b)
+    dirs = ['.'] + [f'vpo_{s}' for s in vpo.SUBSETS]
+    files = [os.path.join(d, f) for d in dirs for f in os.listdir(os.path.join(a, d)) if os.path.isfile(os.path.join(a, d, f))]
+    assert len(files) == 11 and not cmp.diff_files   # meta, summary, 9 manifests; serial == 2 workers
+    for f in files:
+        assert open(os.path.join(a, f), 'rb').read() == open(os.path.join(b, f), 'rb').read(), f
+    masks = sorted(os.listdir(os.path.join(a, 'vpo_ms', 'masks', 'train')))
+    assert masks and all(filecmp.cmp(os.path.join(a, 'vpo_ms/masks/train', m), os.path.join(b, 'vpo_ms/masks/train', m),
+                                     shallow=False) for m in masks)
+    vpo.build(str(root / 'coco'), str(root / 'audio'), str(root / 'other'), seed=4, val_frac=0.3, workers=1,
+              progress=False)
+    assert any(open(os.path.join(a, f), 'rb').read() != open(os.path.join(root, 'other', f), 'rb').read()
+               for f in files if f.endswith('.jsonl'))
+
+
+def test_splits_disjoint_and_sources(vpo_built):
+    _, _, rows = vpo_built
+    ids = {p: {r['image_id'] for s in vpo.SUBSETS for r in rows[s, p]} for p in vpo.SPLITS}
+    assert all(ids.values())
+    assert not (ids['train'] & ids['val']) and not (ids['train'] & ids['test']) and not (ids['val'] & ids['test'])
+    assert all('val2017' in r['image'] for s in vpo.SUBSETS for r in rows[s, 'test'])
+    assert all('train2017' in r['image'] for s in vpo.SUBSETS for p in ('train', 'val') for r in rows[s, p])
+
+
+def test_alpha_is_centre_of_mass_and_masks(vpo_built):
+    root, (out, _), rows = vpo_built
+    anns = {a['id']: a for split in ('train', 'val') for a in
+            json.load(open(root / 'coco' / 'annotations' / f'instances_{split}2017.json'))['annotations']}
+    n = 0
+    for (s, p), rs in rows.items():
+        for r in rs:
+            label = np.asarray(Image.open(os.path.join(out, r['mask'])))
+            inst = np.asarray(Image.open(os.path.join(out, r['inst'])))
+            assert label.shape == (H, W) and set(np.unique(label)) <= set(range(22)) | {255}
+            for k, o in enumerate(r['objects'], 1):
+                m = vpo._decode(anns[o['ann_id']]['segmentation'], H, W)
+                cx = (np.nonzero(m)[1] + 0.5).mean() / W
+                assert abs(o['alpha'] - cx) < 1e-3 and o['area'] == m.sum()
+                want = vpo.CLS_INDEX[o['cls']] if o['sounding'] else 0
+                assert (label[inst == k] == want).all()
+                n += 1
+            assert (label[inst == 255] == 255).all() and (label[inst == 0] == 0).all()
+    assert n > 50
+
+
+def test_car_and_airplane_stay_distinct(vpo_built):
+    _, (out, _), rows = vpo_built
+    both = [r for (s, _), rs in rows.items() if s == 'ms' for r in rs
+            if {o['cls'] for o in r['objects'] if o['sounding']} == {'car', 'airplane'}]
+    assert both
+    for r in both:
+        label = np.asarray(Image.open(os.path.join(out, r['mask'])))
+        assert {1, 5} <= set(np.unique(label).tolist())
+        assert label[105, 145] == 5 and label[5, 5] == 1
+        assert label[60, 100] == 5   # the overlap: the smaller car is painted over the bigger airplane
+
+
+def test_subset_rules(vpo_built):
+    _, (out, _), rows = vpo_built
+    for p in vpo.SPLITS:
+        for r in rows['ss', p]:
+            loud = [o for o in r['objects'] if o['sounding']]
+            assert len(loud) == 1 and [o['cls'] for o in r['objects']].count(loud[0]['cls']) == 1
+        for r in rows['ms', p]:
+            cls = [o['cls'] for o in r['objects']]
+            assert len(cls) == len(set(cls)) and 2 <= sum(o['sounding'] for o in r['objects']) <= 5
+        for r in rows['msmi', p]:
+            cls = [o['cls'] for o in r['objects']]
+            multi = {c for c in cls if cls.count(c) >= 2}
+            assert multi and any(o['sounding'] for o in r['objects'] if o['cls'] in multi)
+            assert any(not o['sounding'] for o in r['objects'] if o['cls'] in multi)   # stereo must disambiguate
+            inst = np.asarray(Image.open(os.path.join(out, r['inst'])))
+            assert (inst == 255).sum() == 2 * 40 * 30   # the two crowd regions are ignored
+    ss_classes = {o['cls'] for p in vpo.SPLITS for r in rows['ss', p] for o in r['objects'] if o['sounding']}
+    assert {'zebra', 'male', 'baby', 'dog', 'cat'} <= ss_classes   # zebra only from single-object images
+    assert 'female' not in ss_classes
+    person_rows = [r for p in vpo.SPLITS for r in rows['ss', p] if r['image_id'] % 6 == 4]
+    assert person_rows and all(o['cls'] == 'horse' for r in person_rows for o in r['objects'])   # undecided: ignored
+    summary = json.load(open(os.path.join(out, 'summary.json')))
+    tot = {c: sum(v.values()) for c, v in summary['vpo_ss']['classes'].items() if v}
+    assert summary['vpo_ss']['imbalance']['ratio'] == round(max(tot.values()) / min(tot.values()), 2)
+
+
+def test_clips_match_class_and_split(vpo_built):
+    _, (out, _), rows = vpo_built
+    used = {p: set() for p in vpo.SPLITS}
+    for (s, p), rs in rows.items():
+        for r in rs:
+            for o in r['objects']:
+                assert os.path.basename(os.path.dirname(o['clip'])) == vpo.folder_name(vpo.TABLE7[o['cls']][0])
+                assert os.path.isfile(os.path.join(out, o['clip']))
+                used[p].add(o['clip'])
+    assert used['test'] and not (used['test'] & (used['train'] | used['val']))
+
+
+def test_vggsound_csv_layout(tmp_path):
+    (tmp_path / 'clips').mkdir()
+    lines = []
+    for i, (label, split) in enumerate([('dog barking', 'train'), ('dog barking', 'test'), ('male speech, man speaking',
+                                        'train'), ('male speech, man speaking', 'test'), ('playing piano', 'train')]):
+        sf.write(str(tmp_path / 'clips' / f'yt{i}_{10 * i:06d}.flac'), np.zeros(160, np.float32), 16000)
+        lines.append([f'yt{i}', 10 * i, label, split])
+    lines.append(['missing', 0, 'dog barking', 'train'])   # listed but not on disk: skipped
+    with open(tmp_path / 'vggsound.csv', 'w', newline='') as f:
+        csv.writer(f).writerows(lines)
+    pools, shared = vpo.find_audio(str(tmp_path))
+    assert set(pools) == {'dog', 'male'} and not shared
+    assert pools['dog']['test'] == [str(tmp_path / 'clips' / 'yt1_000010.flac')] and len(pools['dog']['train']) == 1
+
+
+def _png(path, arr):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(arr, np.uint8)).save(path)
+
+
+def test_official_release(tmp_path):
+    root = tmp_path / 'VPO'
+    m = np.zeros((20, 30), np.uint8)
+    m[:, :10], m[:, 20:], m[0, 0] = 3, 5, 255   # car and airplane in one released mask; 255 ignore
+    header = 'split,cateName,cateId,img_Id,ann_Ids,vgg_file,audio_pos,multi_instance\n'
+    (root / 'VPO-SS').mkdir(parents=True)
+    (root / 'VPO-SS' / 'vpo_ss_data_stereo.csv').write_text(
+        header + 'train,car,3,7,70,abc_000010,0.2,0\nval,male,92,8,80,def_000020,0.7,0\n')
+    _png(str(root / 'VPO-SS' / 'mask' / f'{7:012d}_{70:012d}.png'), m)
+    _png(str(root / 'VPO-SS' / 'mask' / 'male' / f'{8:012d}_{80:012d}.png'), (m > 0) * 92)   # per-class folder
+    for sub in ('MS', 'MSMI'):
+        (root / f'VPO-{sub}').mkdir()
+    (root / 'VPO-MS' / 'vpo_ms_data_stereo.csv').write_text(
+        header + 'train,car,3,9,90,a_000001,0.8,0\ntrain,airplane,5,9,91,b_000002,0.1,0\n')
+    _png(str(root / 'VPO-MS' / 'mask' / f'{9:012d}.png'), m)
+    (root / 'VPO-MSMI' / 'vpo_msmi_data_stereo.csv').write_text(
+        header + 'val,airplane,5,9,91,b_000002,0.1,0\n'
+        'val,dog,18,11,110,c_000003,0.3,1\nval,dog,18,11,111,d_000004,0.9,1\n')
+    _png(str(root / 'VPO-MSMI' / 'mask' / f'{11:012d}.png'), (m > 0) * 18)
+    ss = {p: vpo.read_official(str(root), 'vpo_ss', p, val_frac=0.0, progress=False) for p in vpo.SPLITS}
+    assert [len(ss[p]) for p in vpo.SPLITS] == [1, 0, 1] and ss['test'][0]['objects'][0]['cls'] == 'male'
+    o = ss['train'][0]['objects'][0]
+    assert o == {'cls': 'car', 'ann_id': 70, 'alpha': 0.2, 'area': None, 'sounding': True,
+                 'clip': str(root / 'VGGSound' / 'audios' / 'abc_000010.wav')} and ss['train'][0]['inst'] is None
+    assert (ss['train'][0]['height'], ss['train'][0]['width']) == (20, 30) and ss['train'][0]['id'] == 'vpo_ss/train/000000'
+    label = np.asarray(Image.open(ss['train'][0]['mask']))   # remapped into ROOT/cavp_masks, as data.py reads it
+    assert label[5, 5] == 5 and label[5, 25] == 1 and label[0, 0] == 255 and label[5, 15] == 0   # LUT: car != airplane
+    assert np.asarray(Image.open(ss['test'][0]['mask'])).max() == vpo.CLS_INDEX['male']
+    msmi = vpo.read_official(str(root), 'msmi', 'test', progress=False)
+    assert sorted(len(r['objects']) for r in msmi) == [1, 2]
+    assert any(os.sep + 'VPO-MS' + os.sep in r['mask'] for r in msmi)   # multi_instance = 0 lines live in VPO-MS
+    with pytest.raises(ValueError, match='split'):
+        vpo.read_official(str(root), 'ss', 'dev')
+    out = tmp_path / 'conv'
+    vpo.convert_official(str(root), str(out), val_frac=0.0, progress=False)
+    row = json.loads((out / 'vpo_ms' / 'train.jsonl').read_text())
+    label = np.asarray(Image.open(out / row['mask']))
+    assert label[5, 5] == 5 and label[5, 25] == 1 and label[0, 0] == 255 and label[5, 15] == 0   # LUT: car != airplane
+    assert [o['alpha'] for o in row['objects']] == [0.8, 0.1] and not os.path.isabs(row['objects'][0]['clip'])
+    male = json.loads((out / 'vpo_ss' / 'test.jsonl').read_text())
+    assert np.asarray(Image.open(out / male['mask'])).max() == vpo.CLS_INDEX['male']
+
+
+def test_bad_inputs_name_the_path(tmp_path):
+    make_audio(str(tmp_path / 'audio'), n=2)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        vpo.build(str(tmp_path / 'nowhere'), str(tmp_path / 'audio'), str(tmp_path / 'out'), progress=False)
+    (tmp_path / 'coco').mkdir()
+    with pytest.raises(FileNotFoundError, match='instances_val2017.json'):
+        vpo.build(str(tmp_path / 'coco'), str(tmp_path / 'audio'), str(tmp_path / 'out'), progress=False)
+    with pytest.raises(FileNotFoundError, match='no_audio'):
+        vpo.find_audio(str(tmp_path / 'no_audio'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='empty'):
+        vpo.find_audio(str(tmp_path / 'empty'))
+    with pytest.raises(FileNotFoundError, match='VPO-SS'):
+        vpo.read_official(str(tmp_path), 'ss', 'train')
+    make_coco(str(tmp_path / 'dup'), n_train=6, n_val=2)
+    path = tmp_path / 'dup' / 'annotations' / 'instances_val2017.json'
+    val = json.loads(path.read_text())
+    for x in val['images'] + val['annotations']:
+        x['id' if 'file_name' in x else 'image_id'] -= 1000   # now the same ids as train2017 images
+    path.write_text(json.dumps(val))
+    with pytest.raises(ValueError, match='both train2017 and val2017'):
+        vpo.select(str(tmp_path / 'dup'), str(tmp_path / 'audio'))
+
+
+def test_cli_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr('sys.argv', ['vpo.py', '--coco', str(tmp_path / 'gone'), '--audio', str(tmp_path),
+                                     '--out', str(tmp_path / 'out')])
+    with pytest.raises(FileNotFoundError, match='gone'):
+        vpo.main()
+    monkeypatch.setattr('sys.argv', ['vpo.py', '--out', str(tmp_path / 'out')])
+    with pytest.raises(SystemExit):
+        vpo.main()
+
+
+# ====================================================================================================
+# data.py: built-in source and Dataset
+# ====================================================================================================
+
+def test_builtin_is_deterministic_and_reused(builtin, tmp_path):
+    out = data.ensure_builtin(str(tmp_path), n_train=30, n_val=10, clips_per_class=3, progress=False)
+    for sub in data.VPO_SUBSETS:
+        for split in ('train', 'val', 'test'):
+            a = open(os.path.join(builtin, sub, f'{split}.jsonl'), 'rb').read()
+            b = open(os.path.join(out, sub, f'{split}.jsonl'), 'rb').read()
+            assert a == b, (sub, split)
+    stamp = os.path.getmtime(os.path.join(out, 'meta.json'))
+    data.ensure_builtin(str(tmp_path), n_train=30, n_val=10, clips_per_class=3, progress=False)
+    assert os.path.getmtime(os.path.join(out, 'meta.json')) == stamp   # reused, not rebuilt
+
+
+def test_builtin_formats(builtin):
+    root = os.path.dirname(builtin)
+    coco = json.load(open(os.path.join(root, 'coco', 'annotations', 'instances_train2017.json')))
+    kinds = {type(a['segmentation']).__name__ for a in coco['annotations']}
+    assert 'list' in kinds                                          # polygons
+    assert {c['name'] for c in coco['categories']} >= {'person', 'dog', 'chair'}
+    sizes = {(im['width'], im['height']) for im in coco['images']}
+    assert len(sizes) > 5                                            # varied image sizes
+    rates, chans = set(), set()
+    for folder in os.listdir(os.path.join(root, 'audio')):
+        for f in os.listdir(os.path.join(root, 'audio', folder)):
+            info = sf.info(os.path.join(root, 'audio', folder, f))
+            rates.add(info.samplerate)
+            chans.add(info.channels)
+    assert rates == {16000, 22050, 44100} and chans == {1, 2}
+    assert 'male_speech_man_speaking' in os.listdir(os.path.join(root, 'audio'))
+
+
+def test_every_builtin_image_needs_the_audio(builtin):
+    for sub in ('vpo_ss', 'vpo_ms'):
+        for split in ('train', 'test'):
+            for row in data.VPODataset(builtin, sub, split).rows:
+                assert len({o['cls'] for o in row['objects']}) >= 2
+
+
+def test_splits_disjoint(builtin):
+    for sub in data.VPO_SUBSETS:
+        ids = [{r['image_id'] for r in data.VPODataset(builtin, sub, s).rows} for s in ('train', 'val', 'test')]
+        assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+
+
+def test_alpha_is_centre_of_mass(builtin):
+    ds = data.VPODataset(builtin, 'vpo_msmi', 'test')
+    for row in ds.rows[:5]:
+        inst = np.asarray(Image.open(os.path.join(builtin, row['inst'])))
+        for k, o in enumerate(row['objects']):
+            xs = np.nonzero(inst == k + 1)[1]
+            assert abs((xs.mean() + 0.5) / inst.shape[1] - o['alpha']) < 0.02
+
+
+def test_sample_shapes_and_labels(builtin):
+    ds = data.VPODataset(builtin, 'vpo_ms', 'train', train=True, crop=64, audio_seconds=1.0)
+    s = ds[(0, 0)]
+    assert s['image'].shape == (3, 64, 64) and s['label'].shape == (64, 64)
+    assert s['audio'].shape == (2, 100, 64) and s['wave'].shape == (2, 16000)
+    assert set(s['label'].unique().tolist()) <= set(range(22)) | {255}
+    want = {vpo.VPO_CLASSES.index(o['cls']) for o in ds.rows[0]['objects'] if o['sounding']}
+    assert set(s['t'].nonzero()[:, 0].tolist()) == want
+    assert torch.equal(ds[(3, 1)]['image'], ds[(3, 1)]['image'])          # (seed, epoch, index) decides
+    assert not torch.equal(ds[(3, 1)]['image'], ds[(4, 1)]['image'])
+    mono = data.VPODataset(builtin, 'vpo_ms', 'train', train=True, crop=64, audio_seconds=3.0, mono=True)[(0, 0)]
+    assert mono['audio'].shape == (1, 300, 64)
+
+
+def test_flip_mirrors_mask_and_swaps_channels(builtin):
+    ds = data.VPODataset(builtin, 'vpo_ss', 'test', audio_seconds=1.0)
+    a, b = ds.load(0), ds.load(0, flip=True)
+    assert torch.equal(b['label'], a['label'].flip(-1)) and torch.allclose(b['image'], a['image'].flip(-1))
+    assert torch.allclose(b['wave'], a['wave'].flip(0), atol=1e-6)      # alpha -> 1 - alpha swaps L and R
+    alpha = next(o['alpha'] for o in ds.rows[0]['objects'] if o['sounding'])
+    left, right = a['wave'].abs().sum(1)
+    assert (left > right) == (alpha < 0.5)
+
+
+def test_probe_loads(builtin):
+    ds = data.VPODataset(builtin, 'vpo_ss', 'test', audio_seconds=1.0)
+    row = ds.rows[0]
+    k = next(k for k, o in enumerate(row['objects']) if not o['sounding'])
+    s = ds.load(0, sounding=[k])
+    assert set(s['label'].unique().tolist()) - {0, 255} == {vpo.VPO_CLASSES.index(row['objects'][k]['cls'])}
+    silent = ds.load(0, audio='silence')
+    assert torch.isfinite(silent['audio']).all() and silent['wave'].abs().sum() == 0
+    assert torch.allclose(ds.load(0, swap=True)['wave'], ds.load(0)['wave'].flip(0))
+
+
+def test_read_clip_any_rate_channels_length(tmp_path):
+    t = np.arange(22050) / 22050
+    sf.write(tmp_path / 'a.flac', np.sin(2 * np.pi * 440 * t), 22050)                 # 1 s mono flac
+    sf.write(tmp_path / 'b.wav', np.stack([t * 0, t * 0], 1)[:20000] + 0.1, 44100)   # short stereo wav
+    sf.write(tmp_path / 'c.ogg', np.sin(2 * np.pi * 300 * np.arange(48000) / 16000), 16000)
+    sf.write(tmp_path / 'd.wav', np.zeros(1000), 16000)                               # silent and short
+    for name in ('a.flac', 'b.wav', 'c.ogg', 'd.wav'):
+        w = data.read_clip(str(tmp_path / name), 3.0)
+        assert w.shape == (48000,) and np.isfinite(w).all()
+        assert torch.isfinite(data.logmel(torch.from_numpy(w))).all()
+    w = data.read_clip(str(tmp_path / 'a.flac'), 3.0)
+    assert np.allclose(w[:16000], w[16000:32000], atol=1e-4)                        # tiled
+
+
+def test_bad_files_are_named(builtin, tmp_path):
+    bad = tmp_path / 'bad.wav'
+    bad.write_bytes(b'not a wav at all')
+    with pytest.raises(RuntimeError, match='bad.wav'):
+        data.read_clip(str(bad), 1.0)
+    ds = data.VPODataset(builtin, 'vpo_ss', 'test', audio_seconds=1.0)
+    rows = [dict(ds.rows[0], image=str(tmp_path / 'missing.jpg'))]
+    with pytest.raises(RuntimeError, match='missing.jpg.*test.jsonl:1'):
+        data.VPODataset(builtin, 'vpo_ss', 'test', rows=rows)[0]
+    rows = [dict(ds.rows[0], objects=[dict(ds.rows[0]['objects'][0], cls='unicorn')])]
+    with pytest.raises(ValueError, match="unicorn.*airplane"):
+        data.VPODataset(builtin, 'vpo_ss', 'test', rows=rows)
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'x.txt').write_text('x')
+    with pytest.raises(FileNotFoundError, match='junk'):
+        data.build_dataset('vpo_ss', str(tmp_path / 'junk'), 'test')
+    with pytest.raises(ValueError, match='vpo_ss'):
+        data.build_dataset('vpo_xx', builtin, 'test')
+
+
+# ====================================================================================================
+# evaluate.py: metrics and probes (Sec. 5.1)
+# ====================================================================================================
+
+
+# -----------------------------------------------------------------------------------------------
+# metrics on hand-made masks
+
+
+def test_confusion_matrix_hand_made():
+    pred = torch.tensor([[0, 1, 2], [1, 1, 0]])
+    target = torch.tensor([[0, 1, 1], [255, 1, 2]])
+    conf = ev.confusion_matrix(pred, target, 3)
+    want = torch.tensor([[1, 0, 0],      # target 0: predicted 0
+                         [0, 2, 1],      # target 1: predicted 1, 1, 2
+                         [1, 0, 0]])     # target 2: predicted 0; the 255 pixel is skipped
+    assert conf.dtype == torch.int64 and torch.equal(conf, want)
+    assert ev.confusion_matrix(pred, torch.full_like(target, 255), 3).sum() == 0  # all-ignore image
+    with pytest.raises(ValueError):
+        ev.confusion_matrix(pred, torch.full_like(target, 7), 3)
+
+
+def test_semantic_scores_hand_made():
+    # class 0: TP 2, FP 2, FN 1; class 1: predicted once, never present; class 2: present twice, never
+    # predicted; class 3: absent from both
+    target = torch.tensor([0, 0, 0, 2, 2])
+    pred = torch.tensor([0, 0, 1, 0, 0])
+    conf = ev.confusion_matrix(pred, target, 4)
+    s = ev.semantic_scores(conf)
+    pc = s['per_class']
+    assert pc['iou'][0] == pytest.approx(2 / 5)                        # TP 2 / (2 + FP 2 + FN 1)
+    assert pc['precision'][0] == pytest.approx(2 / 4) and pc['recall'][0] == pytest.approx(2 / 3)
+    assert pc['fdr'][0] == pytest.approx(2 / 4)
+    p, r = 0.5, 2 / 3
+    assert pc['fbeta'][0] == pytest.approx(1.3 * p * r / (0.3 * p + r))
+    assert (pc['iou'][1], pc['precision'][1], pc['recall'][1], pc['fbeta'][1], pc['fdr'][1]) == (0, 0, 0, 0, 1)
+    assert (pc['iou'][2], pc['precision'][2], pc['recall'][2], pc['fbeta'][2], pc['fdr'][2]) == (0, 0, 0, 0, 0)
+    assert all(pc[k][3] is None for k in pc)                           # absent from both: no score
+    assert s['miou'] == pytest.approx((2 / 5 + 0 + 0) / 3)             # mean over the 3 seen classes
+    assert s['fdr'] == pytest.approx((0.5 + 1 + 0) / 3)
+    with pytest.raises(ValueError):
+        ev.semantic_scores(torch.zeros(3, 3, dtype=torch.int64))
+
+
+def test_semantic_scores_equal_direct_per_class_loops():
+    g = torch.Generator().manual_seed(0)
+    C = 6
+    target = torch.randint(0, C - 1, (3, 17, 13), generator=g)        # class C-1 never in the target
+    target[torch.rand(target.shape, generator=g) < 0.1] = 255
+    pred = torch.randint(0, C - 2, (3, 17, 13), generator=g)           # classes C-2, C-1 never predicted
+    s = ev.semantic_scores(ev.confusion_matrix(pred, target, C), beta2=0.3)
+    valid = target != 255
+    ious, fbs, fdrs = [], [], []
+    for c in range(C):
+        t, p = (target == c) & valid, (pred == c) & valid
+        tp, fp, fn = (t & p).sum().item(), (~t & p).sum().item(), (t & ~p).sum().item()
+        if tp + fp + fn == 0:
+            assert s['per_class']['iou'][c] is None
+            continue
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        fb = 1.3 * prec * rec / (0.3 * prec + rec) if prec + rec else 0.0
+        fdr = fp / (tp + fp) if tp + fp else 0.0
+        ious.append(tp / (tp + fp + fn)), fbs.append(fb), fdrs.append(fdr)
+        assert s['per_class']['iou'][c] == pytest.approx(ious[-1])
+        assert s['per_class']['precision'][c] == pytest.approx(prec)
+        assert s['per_class']['recall'][c] == pytest.approx(rec)
+        assert s['per_class']['fbeta'][c] == pytest.approx(fb)
+        assert s['per_class']['fdr'][c] == pytest.approx(fdr)
+    assert s['per_class']['iou'][C - 1] is None and len(ious) == C - 1
+    assert s['miou'] == pytest.approx(sum(ious) / len(ious))
+    assert s['fbeta'] == pytest.approx(sum(fbs) / len(fbs))
+    assert s['fdr'] == pytest.approx(sum(fdrs) / len(fdrs))
+
+
+def test_mask_iou_hand_made():
+    gt = torch.tensor([[[1, 1, 0, 0]], [[0, 0, 0, 0]], [[1, 0, 0, 0]], [[1, 1, 1, 1]]]).bool()
+    pred = torch.tensor([[[1, 0, 1, 0]], [[1, 0, 0, 0]], [[0, 0, 0, 0]], [[1, 1, 1, 1]]]).bool()
+    valid = torch.ones_like(gt)
+    valid[3] = False                                                   # all-ignore image
+    j = ev.mask_iou(pred, gt, valid)
+    assert j[:3].tolist() == pytest.approx([1 / 3, 3 / 4, 0.0])        # empty gt: 3 of 4 predicted background
+    assert torch.isnan(j[3])
+    # ignored pixels do not count: the wrong prediction at pixel 2 is hidden
+    v = torch.tensor([[[1, 1, 0, 1]]]).bool()
+    assert ev.mask_iou(pred[:1], gt[:1], v).item() == pytest.approx(1 / 2)
+
+
+def _f_reference(prob, gt, beta2=0.3):
+    """Direct loop over the 255 thresholds of one image (AVSBench's thresholds)."""
+    best = 0.0
+    for t in torch.linspace(0, 1 - 1e-10, 255, dtype=torch.float64).tolist():
+        p = prob >= t
+        tp = (p & gt).sum().item()
+        prec = tp / p.sum().item() if p.sum() else 0.0
+        rec = tp / gt.sum().item()
+        if prec + rec:
+            best = max(best, (1 + beta2) * prec * rec / (beta2 * prec + rec))
+    return best
+
+
+def test_f_score_hand_made_and_reference():
+    gt = torch.tensor([[[1, 1, 0, 0]]]).bool()
+    prob = torch.tensor([[[0.9, 0.2, 0.6, 0.1]]])
+    # thresholds in (0.6, 0.9]: only the 0.9 pixel is foreground: P = 1, R = 1/2
+    assert ev.f_score(prob, gt).item() == pytest.approx(1.3 * 0.5 / (0.3 + 0.5))
+    assert ev.f_score(gt.float(), gt).item() == pytest.approx(1.0)
+    assert torch.isnan(ev.f_score(prob, torch.zeros_like(gt))).all()     # empty gt: skipped, like AVSBench
+    assert torch.isnan(ev.f_score(prob, gt, valid=torch.zeros_like(gt))).all()
+    g = torch.Generator().manual_seed(1)
+    prob = torch.rand(4, 9, 11, generator=g)
+    gt = torch.rand(4, 9, 11, generator=g) < prob                      # correlated, so F is not trivial
+    f = ev.f_score(prob, gt)
+    for b in range(4):
+        assert f[b].item() == pytest.approx(_f_reference(prob[b], gt[b]), abs=1e-9)
+
+
+def test_per_image_metrics_do_not_depend_on_batching():
+    g = torch.Generator().manual_seed(2)
+    prob = torch.rand(7, 10, 12, generator=g)
+    gt = torch.rand(7, 10, 12, generator=g) < prob * 0.8
+    gt[3] = False                                                      # an empty ground truth among them
+    pred = prob > 0.5
+    whole_j = ev.mask_iou(pred, gt).nanmean()
+    whole_f = ev.f_score(prob, gt).nanmean()
+    for sizes in ([1] * 7, [2, 5], [3, 3, 1]):
+        j = torch.cat([ev.mask_iou(p, t) for p, t in zip(pred.split(sizes), gt.split(sizes))])
+        f = torch.cat([ev.f_score(p, t) for p, t in zip(prob.split(sizes), gt.split(sizes))])
+        assert j.nanmean().item() == pytest.approx(whole_j.item(), abs=1e-12)
+        assert f.nanmean().item() == pytest.approx(whole_f.item(), abs=1e-12)
+
+
+def test_format_table_lists_every_class():
+    s = ev.semantic_scores(ev.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1]), 3))
+    t = ev.format_table(s, ['background', 'dog', 'cat'])
+    assert '| dog | 100.00' in t and '| cat | - |' in t and '**mean**' in t
+
+# -----------------------------------------------------------------------------------------------
+# a fake dataset and model with known answers for the probes
+#
+# Image i is 2 x 8 pixels; each object fills whole columns. The fake image carries the class id of every
+# object (channel 0) and the column position in [0, 1] (channel 1); the fake audio (A, 1, C) carries the
+# loudness of each class per channel: L = (1 - alpha), R = alpha, as vpo.pan.
+
+CLASSES = ['background', 'dog', 'cat']
+H, W = 2, 8
+
+
+class FakeDataset:
+    def __init__(self, objects_per_image, cols_per_image, *, mono=False, subset='vpo_msmi'):
+        self.classes, self.num_classes, self.subset, self.mono = CLASSES, len(CLASSES), subset, mono
+        self.rows, self.inst = [], []
+        for i, (objs, cols) in enumerate(zip(objects_per_image, cols_per_image)):
+            inst = torch.zeros(H, W, dtype=torch.int64)
+            for k, (lo, hi) in enumerate(cols):
+                inst[:, lo:hi] = k + 1
+            self.inst.append(inst)
+            self.rows.append({'id': f'fake/{i}', 'inst': f'inst/{i}.png', 'objects': [dict(cls=c, alpha=(lo + hi) / 2 / W, sounding=snd)
+                                                              for (c, snd), (lo, hi) in zip(objs, cols)]})
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.load(i)
+
+    def load(self, i, *, sounding=None, audio=None, swap=False):
+        objs, inst = self.rows[i]['objects'], self.inst[i]
+        if sounding is None:
+            sounding = [k for k, o in enumerate(objs) if o['sounding']]
+        cls_map = torch.zeros(H, W, dtype=torch.int64)
+        label = torch.zeros(H, W, dtype=torch.int64)
+        for k, o in enumerate(objs):
+            cls_map[inst == k + 1] = CLASSES.index(o['cls'])
+            if k in sounding:
+                label[inst == k + 1] = CLASSES.index(o['cls'])
+        pos = ((torch.arange(W) + 0.5) / W).expand(H, W)
+        image = torch.stack([cls_map.float(), pos, torch.zeros(H, W)])
+        a = torch.zeros(2, 1, len(CLASSES))
+        for k in sounding:
+            c, alpha = CLASSES.index(objs[k]['cls']), objs[k]['alpha']
+            a[0, 0, c] += 1 - alpha
+            a[1, 0, c] += alpha
+        if audio == 'silence':
+            a.zero_()
+        elif audio == 'noise':
+            a.fill_(0.5)
+        if swap:
+            a = a.flip(0)
+        if self.mono:
+            a = a.sum(0, keepdim=True)
+        return {'image': image, 'audio': a, 'label': label, 'index': i}
+
+
+class FakeModel(nn.Module):
+    """Segments a pixel's object when its class is heard; a lateralised sound (pan = R / (L + R) away from
+    0.5) only counts within 0.3 of the pan position. blind=True ignores the audio (a biased model).
+    Only forward(x, a): evaluate()'s fallback path; SplitFakeModel has the split API of model.CAVP."""
+
+    def __init__(self, blind=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.blind, self.image_calls = blind, 0
+
+    def _fuse(self, x, a):
+        cls, pos = x[:, 0].long(), x[:, 1]                               # B, H, W
+        energy, R = a.sum(1)[:, 0], a[:, -1, 0]                          # B, C
+        pan = torch.where(energy > 0, R / energy.clamp_min(1e-9), torch.full_like(R, 0.5))
+        if a.shape[1] == 1:                                              # mono: no direction
+            pan = torch.full_like(pan, 0.5)
+        heard = energy.gather(1, cls.flatten(1)).view_as(pos) > 0        # B, H, W
+        p = pan.gather(1, cls.flatten(1)).view_as(pos)
+        near = ((p - 0.5).abs() <= 0.1) | ((pos - p).abs() < 0.3)
+        on = (cls > 0) & (self.blind | (heard & near))
+        z = one_hot(torch.where(on, cls, 0)) * 10.0 + self.w             # B, C, H, W
+        return z, heard.float()[:, None]                                 # attn: B, heads=1, h, w
+
+    def forward(self, x, a):
+        z, attn = self._fuse(x, a)
+        return {'logits': z, 'z': z, 'attn': attn}
+
+
+class SplitFakeModel(FakeModel):
+    def forward_image(self, x):
+        self.image_calls += 1
+        return {'u_v': x}
+
+    def forward_audio(self, a):
+        return a
+
+    def fuse(self, u_v, u_a):
+        return self._fuse(u_v, u_a)
+
+    def classify(self, z, size):
+        assert tuple(size) == tuple(z.shape[-2:])
+        return z
+
+
+def one_hot(y):
+    return nn.functional.one_hot(y, len(CLASSES)).permute(0, 3, 1, 2).float()   # B, H, W, C -> B, C, H, W
+
+
+def make_dataset(**kw):
+    # image 0: two dogs at opposite sides, the left one sounds (stereo probe; one class only: no cf)
+    # image 1: a sounding dog on the left, a silent cat on the right (cf probe: the cat's audio)
+    return FakeDataset([[('dog', True), ('dog', False)], [('dog', True), ('cat', False)]],
+                       [[(0, 2), (6, 8)], [(0, 3), (5, 8)]], **kw)
+
+
+def test_evaluate_fake_model_known_answers():
+    model = SplitFakeModel()
+    m = ev.evaluate(model, make_dataset(), 'cpu', progress=False)
+    assert model.image_calls == 2                                      # image branch once per image
+    assert m['miou'] == pytest.approx(1.0) and m['per_class']['iou'][2] is None   # cat: absent from both
+    assert m['J'] == pytest.approx(1.0) and m['F'] == pytest.approx(1.0)
+    assert m['cf_n'] == 1 and m['cf_miou'] == pytest.approx(1.0)
+    assert m['halluc_silence'] == 0.0
+    assert m['halluc_noise'] == pytest.approx((8 + 12) / 32)                # every object pixel
+    assert m['stereo_n'] == 1 and m['stereo_acc'] == 1.0 and m['stereo_swap_acc'] == 1.0
+    assert model.training                                              # mode restored
+
+
+def test_evaluate_blind_model_and_fallback_path():
+    m = ev.evaluate(FakeModel(blind=True), make_dataset(), 'cpu', progress=False)
+    # cf on image 1: target = cat cols 5-7; prediction = dog cols 0-2 + cat cols 5-7 (ignores the audio)
+    # bg: TP 4, FN 6 -> 0.4; dog: predicted, never present -> 0; cat: 1
+    assert m['cf_miou'] == pytest.approx((0.4 + 0 + 1) / 3)
+    assert m['halluc_silence'] == pytest.approx(20 / 32)
+    assert m['stereo_acc'] == 0.0 and m['stereo_swap_acc'] == 0.0    # both dogs covered: no preference
+    same = ev.evaluate(FakeModel(), make_dataset(), 'cpu', progress=False)
+    assert same == ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', progress=False)
+
+
+def test_evaluate_stereo_probe_skipped_for_mono_or_not_msmi():
+    for ds in (make_dataset(mono=True), make_dataset(subset='vpo_ms')):
+        m = ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
+        assert m['stereo_acc'] is None and m['stereo_swap_acc'] is None and m['stereo_n'] == 0
+        assert m['cf_miou'] is not None
+    m = ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', probes=False, max_samples=1, progress=False)
+    assert m['n'] == 1 and m['cf_miou'] is None and m['halluc_noise'] is None
+
+
+def test_evaluate_without_instance_maps():
+    # the official release has no instance map: only the probes that keep the sounding objects run
+    ds = make_dataset()
+    for row in ds.rows:
+        row['inst'] = None
+    m = ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
+    assert m['cf_miou'] is None and m['cf_n'] == 0 and m['stereo_n'] == 0
+    assert m['halluc_noise'] == pytest.approx(20 / 32) and m['miou'] == pytest.approx(1.0)
+
+
+def test_counterfactual_and_mirror_choice():
+    o = lambda c, s, a=0.5: dict(cls=c, sounding=s, alpha=a)
+    assert ev.counterfactual_class([o('dog', True), o('dog', False)]) is None
+    assert ev.counterfactual_class([o('dog', True), o('cat', False), o('cow', False)]) == 'cat'
+    assert ev.counterfactual_class([o('dog', True), o('cat', True)]) == 'cat'       # MS: all sound
+    assert ev.mirror_pair([o('dog', True, 0.2), o('dog', False, 0.45), o('dog', False, 0.9), o('dog', False, 0.75)]) == (0, 3)
+    assert ev.mirror_pair([o('dog', True, 0.2), o('dog', True, 0.8)]) is None       # both sound
+    assert ev.mirror_pair([o('cat', True, 0.3), o('dog', True, 0.2), o('dog', False, 0.7)]) == (1, 2)
+
+
+def test_vis_writes_pngs(tmp_path):
+    ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', vis=2, vis_dir=str(tmp_path), progress=False)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ['00000.png', '00001.png']
+    im = Image.open(tmp_path / '00001.png')
+    assert im.width == 4 * ev.PANEL_W and im.height > 2 * ev.TITLE_H   # 4 panels a row, 2 rows
+
+
+# -----------------------------------------------------------------------------------------------
+# checkpoints
+
+ARGS = dict(data='vpo_ss', root='data', backbone='resnet50', output_stride=8, attn='sigmoid', heads=4, mono=False,
+            audio_seconds=3.0, audio_backbone='resnet18', num_classes=3, dim=16)
+
+
+class TinyCAVP(nn.Module):
+    def __init__(self, *, num_classes, audio_channels, **kw):
+        super().__init__()
+        self.head = nn.Conv2d(4, num_classes, 1)
+        self.audio = nn.Linear(audio_channels, 4)
+        self.kw = kw
+
+
+def test_load_checkpoint_round_trip_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'model', types.SimpleNamespace(CAVP=TinyCAVP))
+    path = str(tmp_path / 'best.pt')
+    net = TinyCAVP(num_classes=3, audio_channels=2)
+    torch.save({'model': net.state_dict(), 'args': ARGS, 'epoch': 3, 'best': 0.5}, path)
+    model, args = ev.load_checkpoint(path, 'cpu', data='vpo_ss', num_classes=3, mono=False)
+    assert args == ARGS and not model.training and model.kw['attn'] == 'sigmoid' and model.kw['dim'] == 16
+    assert torch.equal(model.head.weight, net.head.weight)
+    with pytest.raises(FileNotFoundError, match='nope.pt'):
+        ev.load_checkpoint(str(tmp_path / 'nope.pt'), 'cpu')
+    with pytest.raises(ValueError, match=r"data='vpo_ss'.*--data.*'vpo_ms'"):
+        ev.load_checkpoint(path, 'cpu', data='vpo_ms')
+    with pytest.raises(ValueError, match='num_classes=3.*class count.*22'):
+        ev.load_checkpoint(path, 'cpu', num_classes=22)
+    with pytest.raises(ValueError, match='stereo checkpoint.*drop --mono'):
+        ev.load_checkpoint(path, 'cpu', mono=True)
+    torch.save({'model': TinyCAVP(num_classes=5, audio_channels=2).state_dict(), 'args': ARGS}, path)
+    with pytest.raises(RuntimeError, match='do not fit'):
+        ev.load_checkpoint(path, 'cpu')
+    torch.save({'model': {}, 'args': {k: v for k, v in ARGS.items() if k != 'heads'}}, path)
+    with pytest.raises(KeyError, match='heads'):
+        ev.load_checkpoint(path, 'cpu')
+
+
+# ====================================================================================================
+# train.py: end to end, resume, benchmark
+# ====================================================================================================
+
+TINY = ['--crop', '48', '--batch-size', '4', '--workers', '0', '--max-steps', '2', '--limit', '12',
+        '--audio-seconds', '1', '--vis', '0', '--eval-every', '1', '--bank-rate', '1.0']
+
+
+@pytest.fixture(scope='module')
+def tiny_root(builtin):
+    return os.path.dirname(builtin)
+
+
+def run(root, out, *extra):
+    return train.main(['--data', 'vpo_ss', '--root', root, '--out', str(out), *TINY, *extra])
+
+
+def test_end_to_end_writes_metrics_and_log(tiny_root, tmp_path):
+    m = run(tiny_root, tmp_path, '--epochs', '1', '--name', 'e2e', '--vis', '2')
+    d = tmp_path / 'e2e'
+    saved = json.load(open(d / 'metrics.json'))
+    for k in ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence', 'per_class', 'args'):
+        assert k in saved
+    assert 0 <= saved['miou'] <= 1 and saved == json.loads(json.dumps(m))
+    kinds = [json.loads(line)['kind'] for line in open(d / 'log.jsonl')]
+    assert kinds.count('val') == 1 and kinds[-1] == 'test' and 'step' in kinds
+    assert (d / 'best.pt').exists() and (d / 'last.pt').exists() and len(os.listdir(d / 'vis')) == 2
+
+
+def test_resume_continues_exactly(tiny_root, tmp_path, monkeypatch):
+    """2 epochs straight == 1 epoch, a crash, --resume, 1 more epoch (weights, optimizer, bank, RNG)."""
+    run(tiny_root, tmp_path, '--epochs', '2', '--name', 'straight', '--no-probes')
+
+    class Crash(Exception):
+        pass
+
+    save = train.save_atomic
+
+    def save_then_crash(obj, path):
+        save(obj, path)
+        if path.endswith('last.pt'):
+            raise Crash
+    monkeypatch.setattr(train, 'save_atomic', save_then_crash)
+    with pytest.raises(Crash):
+        run(tiny_root, tmp_path, '--epochs', '2', '--name', 'split', '--no-probes')
+    monkeypatch.setattr(train, 'save_atomic', save)
+    a = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
+    assert a['epoch'] == 1 and a['step'] == 2 and not os.path.exists(tmp_path / 'split' / 'last.pt.tmp')
+    run(tiny_root, tmp_path, '--epochs', '2', '--name', 'split', '--no-probes', '--resume', str(tmp_path / 'split' / 'last.pt'))
+    s = torch.load(tmp_path / 'straight' / 'last.pt', weights_only=False)
+    r = torch.load(tmp_path / 'split' / 'last.pt', weights_only=False)
+    assert s['model'].keys() == r['model'].keys() and r['epoch'] == 2 and r['step'] == 4
+    assert all(torch.equal(s['model'][k], r['model'][k]) for k in s['model']), \
+        [k for k in s['model'] if not torch.equal(s['model'][k], r['model'][k])][:5]
+    assert s['best'] == r['best']
+
+
+def test_every_contrast_and_attention_runs(tiny_root, tmp_path):
+    for extra in (['--contrast', 'none'], ['--contrast', 'supcon'], ['--attn', 'softmax'], ['--mono']):
+        m = run(tiny_root, tmp_path, '--epochs', '1', '--name', 'v', '--no-probes', '--max-steps', '1', *extra)
+        assert 0 <= m['miou'] <= 1
+
+
+def test_benchmark_prints_phases(tiny_root, tmp_path, capsys):
+    assert run(tiny_root, tmp_path, '--epochs', '1', '--benchmark', '1', '--max-steps', '5') is None
+    out = capsys.readouterr().out
+    assert 'images/s' in out and 'cavp_fuse' in out and 'backward' in out
+
+
+def test_bad_arguments_are_named(tiny_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere.pt'):
+        run(tiny_root, tmp_path, '--resume', str(tmp_path / 'nowhere.pt'))
+    with pytest.raises(ValueError, match='--batch-size'):
+        train.main(['--data', 'vpo_ss', '--root', tiny_root, '--out', str(tmp_path), '--batch-size', '1', '--workers', '0'])
+
+
+# ====================================================================================================
+# AVSBench loaders and VGGish (Tables 1-3)
+# ====================================================================================================
+
+def _augment(image, label, **kw):
+    img, lab, _ = joint_augment(image, Image.fromarray(label), **kw)
+    return normalise(img), torch.from_numpy(np.array(lab, dtype=np.int64))
+
+SR = 16000
+KEYS = {'image', 'audio', 'wave', 'label', 't', 'index', 'bank_wave', 'bank_cls', 'bank_alpha'}
+H, W = 24, 32            # frame size of the fixtures (h, w)
+
+
+# ----------------------------------------------------------------------------- fixture writers
+def _frame(path, seed):
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+
+
+def _box(value, fill=0, box=(4, 12, 6, 20)):
+    a = np.full((H, W), fill, np.uint8)
+    a[box[0]:box[1], box[2]:box[3]] = value
+    return a
+
+
+def _save(path, img):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def _ramp_wav(path, seconds, sr=SR):
+    """Float wav whose sample n holds n / 1e6: a segment's first value tells where it was cut."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sf.write(path, (np.arange(int(seconds * sr)) / 1e6).astype(np.float32), sr, subtype='FLOAT')
+
+
+def _csv(path, header, rows):
+    with open(path, 'w', newline='') as f:
+        csv.writer(f).writerows([header] + rows)
+
+
+@pytest.fixture(scope='module')
+def s4_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('Single-source'))
+    videos = [('a1', 'dog_barking', 'train', 5), ('a2', 'male_speech', 'train', 5),
+              ('b1', 'dog_barking', 'val', 5), ('c1', 'lawn_mowing', 'test', 3.5)]
+    _csv(os.path.join(root, 's4_meta_data.csv'), ['name', 'start', 'category', 'split'],
+         [[n, 0, c, s] for n, c, s, _ in videos])
+    for k, (n, c, s, sec) in enumerate(videos):
+        for i in range(1, 6):
+            _frame(os.path.join(root, 's4_data', 'visual_frames', s, c, n, f'{n}_{i}.png'), 10 * k + i)
+        for i in ([1] if s == 'train' else range(1, 6)):   # released S4 train: first frame only
+            _save(os.path.join(root, 's4_data', 'gt_masks', s, c, n, f'{n}_{i}.png'),
+                  Image.fromarray(_box(255), 'L'))
+        _ramp_wav(os.path.join(root, 's4_data', 'audio_wav', s, c, n + '.wav'), sec)
+    return root
+
+
+@pytest.fixture(scope='module')
+def ms3_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('Multi-sources'))
+    videos = [('m1', 'train'), ('m2', 'val'), ('m3', 'test')]
+    # header deliberately not 'name': the name is read by position, as the official loaders do
+    _csv(os.path.join(root, 'ms3_meta_data.csv'), ['video_id', 'split'], [list(v) for v in videos])
+    for k, (n, s) in enumerate(videos):
+        for i in range(1, 6):
+            _frame(os.path.join(root, 'ms3_data', 'visual_frames', n, f'{n}.mp4_{i}.png'), 100 + 10 * k + i)
+            # frame 3 is silent (no sounding object): an empty mask
+            _save(os.path.join(root, 'ms3_data', 'gt_masks', s, n, f'{n}_{i}.png'),
+                  Image.fromarray(_box(0 if i == 3 else 255), 'L'))
+        _ramp_wav(os.path.join(root, 'ms3_data', 'audio_wav', s, n + '.wav'), 5)
+    return root
+
+
+def _index_png(a):
+    img = Image.fromarray(a, 'P')
+    img.putpalette(avss_palette(256).flatten().tolist())
+    return img
+
+
+@pytest.fixture(scope='module')
+def avss_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('AVSS'))
+    names = ['background'] + [f'class{j:02d}' for j in range(1, 71)]
+    with open(os.path.join(root, 'label2idx.json'), 'w') as f:   # key order shuffled on purpose
+        json.dump({n: j for j, n in reversed(list(enumerate(names)))}, f)
+    videos = [('s_tr', 'v1s', 'train'), ('s_te', 'v1s', 'test'), ('m_te', 'v1m', 'test'),
+              ('v_tr', 'v2', 'train'), ('v_va', 'v2', 'val'), ('v_te', 'v2', 'test')]
+    _csv(os.path.join(root, 'metadata.csv'), ['vid', 'uid', 's_min', 's_sec', 'a_obj', 'split', 'label'],
+         [[u[:3], u, 0, 0, 'x', s, sub] for u, sub, s in videos])
+    for k, (u, sub, s) in enumerate(videos):
+        n = 5 if sub != 'v2' else 10
+        base = os.path.join(root, sub, u)
+        for i in range(n):
+            _frame(os.path.join(base, 'frames', f'{i}.jpg'), 1000 + 10 * k + i)
+        for i in ([0] if (sub, s) == ('v1s', 'train') else range(n)):
+            a = _box(3 + i)                                  # class 3 + i, frame-dependent
+            if sub == 'v1m':
+                a[14:20, 22:30] = 40                         # a second sounding class
+            a[0, 0] = 255                                    # an ignore pixel
+            _save(os.path.join(base, 'labels_semantic', f'{i}.png'), _index_png(a))
+        if sub == 'v1m':                                     # 8 kHz audio: exercises resampling
+            os.makedirs(base, exist_ok=True)
+            sf.write(os.path.join(base, 'audio.wav'),
+                     np.sin(2 * np.pi * 1000 * np.arange(5 * 8000) / 8000).astype(np.float32) * 0.5, 8000)
+        else:
+            _ramp_wav(os.path.join(base, 'audio.wav'), n)
+    return root
+
+
+# ----------------------------------------------------------------------------- VGGish front-end
+def _reference_logmel(w):
+    """VGGish log-mel written out loop by loop from its published definition (numpy, float64)."""
+    n_frames = 1 + (len(w) - 400) // 160
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(400) / 400)            # periodic
+    spec = np.stack([np.abs(np.fft.rfft(w[160 * j:160 * j + 400] * hann, 512)) for j in range(n_frames)])
+    mel = lambda f: 1127.0 * np.log(1.0 + f / 700.0)                         # noqa: E731
+    bin_mel = mel(np.arange(257) * 8000.0 / 256)
+    edges = np.linspace(mel(125.0), mel(7500.0), 66)
+    m = np.zeros((257, 64))
+    for b in range(64):
+        lo, c, hi = edges[b:b + 3]
+        for f in range(1, 257):                                              # DC bin excluded
+            if lo < bin_mel[f] <= c:
+                m[f, b] = (bin_mel[f] - lo) / (c - lo)
+            elif c < bin_mel[f] < hi:
+                m[f, b] = (hi - bin_mel[f]) / (hi - c)
+    lm = np.log(spec @ m + 0.01)
+    n = n_frames // 96
+    return lm[:n * 96].reshape(n, 96, 64)
+
+
+def test_vggish_logmel_matches_reference():
+    w = np.random.default_rng(0).uniform(-0.5, 0.5, 2 * EXAMPLE_HOP + EXAMPLE_SAMPLES + 100)
+    out = vggish_logmel(torch.from_numpy(w).float())
+    ref = _reference_logmel(w.astype(np.float32).astype(np.float64))
+    assert out.shape == (3, 96, 64) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-4)
+
+
+def test_vggish_logmel_tone_lands_in_its_band():
+    f0 = 1000.0
+    w = 0.5 * np.sin(2 * np.pi * f0 * np.arange(EXAMPLE_SAMPLES) / SR)
+    band = vggish_logmel(w)[0].mean(0).argmax().item()
+    centres = np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66)[1:-1]
+    assert band == int(np.abs(centres - 1127 * np.log(1 + f0 / 700)).argmin())
+
+
+def test_vggish_logmel_example_k_is_the_cut_segment():
+    # justifies cutting the frame's segment before the log-mel: same patch as the whole-clip call
+    w = torch.from_numpy(np.random.default_rng(1).normal(0, 0.1, 5 * SR)).float()
+    whole = vggish_logmel(w)
+    assert whole.shape == (5, 96, 64)                                        # 5 s -> 5 examples (as AVSBench)
+    for k in range(5):
+        part = vggish_logmel(w[k * EXAMPLE_HOP:k * EXAMPLE_HOP + EXAMPLE_SAMPLES])
+        assert (part[0] - whole[k]).abs().max() < 1e-5
+
+
+def test_vggish_logmel_batched_and_too_short():
+    w = torch.randn(2, 3, EXAMPLE_SAMPLES + EXAMPLE_HOP) * 0.1
+    out = vggish_logmel(w)
+    assert out.shape == (2, 3, 2, 96, 64)
+    assert (out[1, 2] - vggish_logmel(w[1, 2])).abs().max() < 1e-5             # batched == single
+    with pytest.raises(ValueError, match='15600'):
+        vggish_logmel(torch.zeros(EXAMPLE_SAMPLES - 1))
+
+
+# ----------------------------------------------------------------------------- VGGish network
+# torchvggish key names and shapes, written out independently of vggish.py
+TORCHVGGISH_SHAPES = {
+    'features.0.weight': (64, 1, 3, 3), 'features.0.bias': (64,),
+    'features.3.weight': (128, 64, 3, 3), 'features.3.bias': (128,),
+    'features.6.weight': (256, 128, 3, 3), 'features.6.bias': (256,),
+    'features.8.weight': (256, 256, 3, 3), 'features.8.bias': (256,),
+    'features.11.weight': (512, 256, 3, 3), 'features.11.bias': (512,),
+    'features.13.weight': (512, 512, 3, 3), 'features.13.bias': (512,),
+    'embeddings.0.weight': (4096, 12288), 'embeddings.0.bias': (4096,),
+    'embeddings.2.weight': (4096, 4096), 'embeddings.2.bias': (4096,),
+    'embeddings.4.weight': (128, 4096), 'embeddings.4.bias': (128,)}
+
+
+def _random_torchvggish(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in TORCHVGGISH_SHAPES.items():
+        if k in ('embeddings.0.weight', 'embeddings.2.weight'):
+            # the two big matrices are random per row, broadcast along the row: a small file
+            sd[k] = (torch.randn(shape[0], 1, generator=g) * 0.01).expand(shape)
+        else:
+            sd[k] = torch.randn(shape, generator=g) * 0.05
+    return sd
+
+
+@pytest.fixture(scope='module')
+def vggish_ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('w') / 'vggish-random.pth')
+    sd = _random_torchvggish()
+    sd['pproc.pca_matrix'], sd['pproc.pca_means'] = torch.eye(128), torch.zeros(128, 1)
+    torch.save(sd, path)
+    return path
+
+
+def test_vggish_strict_load_of_torchvggish_state_dict(vggish_ckpt):
+    sd = _random_torchvggish()
+    m = VGGish(weights=vggish_ckpt, freeze=True)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == TORCHVGGISH_SHAPES
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    assert not any(p.requires_grad for p in m.parameters())                  # frozen
+    a = torch.randn(3, 1, 96, 64)
+    out = m(a)
+    assert out.shape == (3, VGGish.out_dim) == (3, 128) and (out >= 0).all()   # final ReLU kept
+    assert ((m(a[1:2]) - out[1:2]).abs() <= 1e-4 * (1 + out[1:2].abs())).all()  # batched == single
+    m.load_state_dict(sd, strict=True)                                       # the plain strict load too
+
+
+def test_vggish_flattens_in_tensorflow_hwc_order(vggish_ckpt):
+    m = VGGish(weights=vggish_ckpt)
+    assert all(p.requires_grad for p in m.parameters())                      # fine-tuned unless frozen
+    c, h, w = 7, 5, 3                                                        # HWC index 11783, CHW index 191
+    with torch.no_grad():
+        for lin in (m.embeddings[0], m.embeddings[2], m.embeddings[4]):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        m.embeddings[0].weight[0, (h * 4 + w) * 512 + c] = 1.0
+        m.embeddings[2].weight[0, 0] = 1.0
+        m.embeddings[4].weight[0, 0] = 1.0
+    f = torch.zeros(1, 512, 6, 4)
+    f[0, c, h, w] = 1.0
+    m.features.register_forward_hook(lambda mod, inp, out: f)               # replace the conv output
+    assert m(torch.zeros(1, 1, 96, 64))[0, 0].item() == 1.0
+    with pytest.raises(ValueError, match=r'\(B, 1, 96, 64\)'):
+        m(torch.zeros(1, 96, 64))
+
+
+def test_vggish_bad_weights_fail_clearly(tmp_path):
+    missing = {k: v for k, v in _random_torchvggish().items() if k != 'embeddings.4.bias'}
+    torch.save(missing, tmp_path / 'missing.pth')
+    with pytest.raises(ValueError, match=r'missing.pth.*missing \[\'embeddings.4.bias\'\]'):
+        VGGish(weights=str(tmp_path / 'missing.pth'))
+    wrong = dict(_random_torchvggish(), **{'embeddings.4.weight': torch.zeros(64, 4096)})
+    torch.save(wrong, tmp_path / 'wrong.pth')
+    with pytest.raises(ValueError, match=r'embeddings.4.weight: \(64, 4096\) != \(128, 4096\)'):
+        load_vggish_weights(str(tmp_path / 'wrong.pth'))
+    prefixed = {'audio_backbone.' + k: v for k, v in _random_torchvggish().items()}
+    torch.save(prefixed, tmp_path / 'prefixed.pth')
+    with pytest.raises(ValueError, match='unexpected'):
+        load_vggish_weights(str(tmp_path / 'prefixed.pth'))
+    torch.save({'pca_eigen_vectors': torch.eye(128), 'pca_means': torch.zeros(128)}, tmp_path / 'pca.pth')
+    with pytest.raises(ValueError, match='PCA'):
+        load_vggish_weights(str(tmp_path / 'pca.pth'))
+    torch.save({'pca_eigen_vectors': np.eye(128), 'pca_means': np.zeros(128)}, tmp_path / 'pca_np.pth')
+    with pytest.raises(ValueError, match='pca_np.pth.*PCA'):                # the released numpy PCA file
+        load_vggish_weights(str(tmp_path / 'pca_np.pth'))
+    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+        VGGish(weights=str(tmp_path / 'nowhere.pth'))
+
+
+# ----------------------------------------------------------------------------- loaders
+def _check_sample(s, num_classes, hw=(H, W)):
+    assert set(s) == KEYS
+    assert s['image'].shape == (3, *hw) and s['image'].dtype == torch.float32
+    assert s['audio'].shape == (1, 96, 64) and s['audio'].dtype == torch.float32
+    assert s['wave'].shape == (1, EXAMPLE_SAMPLES) and s['wave'].dtype == torch.float32
+    assert s['label'].shape == hw and s['label'].dtype == torch.int64
+    assert s['t'].shape == (num_classes,) and s['t'][0] == 0
+    # bank fields as VPODataset returns them: tensor (L,), int, float
+    assert s['bank_wave'].shape == (EXAMPLE_SAMPLES,) and s['bank_wave'].dtype == torch.float32
+    assert type(s['bank_cls']) is int and s['bank_alpha'] == 0.5
+    if s['t'].sum() == 1:       # a single-source frame is a memory-bank candidate
+        assert s['bank_cls'] == s['t'].argmax().item() and torch.equal(s['bank_wave'], s['wave'][0])
+    else:                       # none: class 0 and silence, which MemoryBank.push / bank_swap skip
+        assert s['bank_cls'] == 0 and not s['bank_wave'].any()
+    assert torch.equal(s['audio'], vggish_logmel(s['wave'][0]))
+
+
+def test_s4_splits_labels_and_audio(s4_root):
+    tr = AVSBenchDataset(s4_root, 's4', 'train')
+    assert len(tr) == 2 and [r['frame'] for r in tr.rows] == [1, 1]         # train: first frame only
+    assert tr.classes == ['background', 'foreground'] and tr.num_classes == 2 and tr.subset == 's4'
+    va, te = AVSBenchDataset(s4_root, 's4', 'val'), AVSBenchDataset(s4_root, 's4', 'test')
+    assert len(va) == 5 and len(te) == 5 and [r['frame'] for r in te.rows] == [1, 2, 3, 4, 5]
+    s = va[2]
+    _check_sample(s, 2)
+    assert s['index'] == 2
+    assert torch.equal(s['label'], torch.from_numpy(_box(1)).long())       # 0/255 -> 0/1
+    assert s['t'].tolist() == [0.0, 1.0] and s['bank_cls'] == 1
+    # frame 3 carries VGGish example 2: samples [2 * 15360, 2 * 15360 + 15600) of the clip
+    np.testing.assert_allclose(s['wave'][0, [0, -1]].numpy(),
+                               np.array([2 * EXAMPLE_HOP, 2 * EXAMPLE_HOP + EXAMPLE_SAMPLES - 1]) / 1e6,
+                               rtol=1e-6)
+    # c1 is 3.5 s: 3 complete examples; frames 4 and 5 repeat the last one (official S4 padding)
+    firsts = [round(te[i]['wave'][0, 0].item() * 1e6) for i in range(5)]
+    assert firsts == [0, EXAMPLE_HOP, 2 * EXAMPLE_HOP, 2 * EXAMPLE_HOP, 2 * EXAMPLE_HOP]
+    # image is the frame, ImageNet-normalised
+    raw = np.asarray(Image.open(va.rows[2]['image']).convert('RGB'), np.float32) / 255
+    expect = (raw - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(s['image'].permute(1, 2, 0).numpy(), expect, atol=1e-5)
+
+
+def test_ms3_every_frame_annotated_and_silent_frame(ms3_root):
+    for split in ('train', 'val', 'test'):
+        assert len(AVSBenchDataset(ms3_root, 'ms3', split)) == 5
+    ds = AVSBenchDataset(ms3_root, 'ms3', 'train')
+    s = ds[0]
+    _check_sample(s, 2)
+    assert set(s['label'].unique().tolist()) == {0, 1}
+    silent = ds[2]                                                           # frame 3: empty mask
+    _check_sample(silent, 2)
+    assert silent['label'].max() == 0 and silent['t'].sum() == 0 and silent['bank_cls'] == 0
+
+
+def test_avss_frames_labels_and_no_padding(avss_root):
+    tr = AVSBenchDataset(avss_root, 'avss', 'train')
+    assert tr.num_classes == 71 and tr.classes[0] == 'background' and tr.classes[5] == 'class05'
+    # v1s train: only frame 0 is annotated; v2 train: 10 frames; nothing padded to 10
+    assert [(r['video'], r['frame']) for r in tr.rows] == [('s_tr', 0)] + [('v_tr', i) for i in range(10)]
+    te = AVSBenchDataset(avss_root, 'avss', 'test')
+    per_video = {v: sum(r['video'] == v for r in te.rows) for v in ('s_te', 'm_te', 'v_te')}
+    assert per_video == {'s_te': 5, 'm_te': 5, 'v_te': 10}                  # 5-frame clips stay 5 frames
+    assert len(AVSBenchDataset(avss_root, 'avss', 'val')) == 10
+    s = te[3]                                                                # s_te frame 3
+    _check_sample(s, 71)
+    expect = _box(3 + 3)
+    expect[0, 0] = 255
+    assert torch.equal(s['label'], torch.from_numpy(expect).long())
+    assert s['t'].nonzero().flatten().tolist() == [6] and s['bank_cls'] == 6
+    m = te[5 + 1]                                                            # m_te frame 1: two classes
+    _check_sample(m, 71)
+    assert m['t'].nonzero().flatten().tolist() == [4, 40] and m['bank_cls'] == 0
+    # the training loop rebuilds swapped audio with the dataset's own transform (VGGish, not logmel)
+    assert torch.equal(te.audio_transform(m['wave'][None]), m['audio'][None])
+    # v2 frame 9 has the 10th second of a 10 s clip
+    v9 = te[len(te) - 1]
+    assert round(v9['wave'][0, 0].item() * 1e6) == 9 * EXAMPLE_HOP
+
+
+def test_avss_subsets_for_table3(avss_root, s4_root):
+    ds = AVSBenchDataset(avss_root, 'avss', 'test', subsets=('v1m',))
+    assert {r['video'] for r in ds.rows} == {'m_te'} and {r['subset'] for r in ds.rows} == {'v1m'}
+    # v1m audio is 8 kHz: resampled to 16 kHz, the 1 kHz tone stays in the 1 kHz band
+    a = ds[0]['audio'][0].mean(0)
+    centres = np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66)[1:-1]
+    assert a.argmax().item() == int(np.abs(centres - 1127 * np.log(1 + 1000 / 700)).argmin())
+    with pytest.raises(ValueError, match='only applies to avss'):
+        AVSBenchDataset(s4_root, 's4', 'test', subsets=('v1s',))
+    with pytest.raises(ValueError, match='v3'):
+        AVSBenchDataset(avss_root, 'avss', 'test', subsets=('v3',))
+
+
+def test_mask_decoders():
+    assert binary_label(Image.fromarray(_box(255), 'L')).max() == 1
+    assert binary_label(Image.fromarray(_box(1), 'L')).sum() == _box(1).sum()   # 0/1 grey masks
+    assert binary_label(_index_png(_box(2))).sum() == _box(1).sum()             # palette masks
+    pal = avss_palette(71)
+    idx = _box(17)
+    idx[0, 0] = 70
+    rgb = pal[idx]
+    rgb[1, 1] = (1, 2, 3)                                                      # not a class colour
+    out = semantic_label(Image.fromarray(rgb, 'RGB'), pal, 'x.png')
+    expect = idx.copy()
+    expect[1, 1] = 255
+    np.testing.assert_array_equal(out, expect)
+    with pytest.raises(ValueError, match='bad.png.*71'):
+        semantic_label(_index_png(_box(71)), pal, 'bad.png')
+
+
+def test_resize_224_protocol(avss_root, s4_root):
+    s = AVSBenchDataset(avss_root, 'avss', 'test', resize=224)[0]
+    _check_sample(s, 71, hw=(224, 224))
+    assert set(s['label'].unique().tolist()) <= {0, 3, 255}                 # nearest: no new values
+    assert AVSBenchDataset(s4_root, 's4', 'val', resize=224)[0]['label'].shape == (224, 224)
+    loader = torch.utils.data.DataLoader(AVSBenchDataset(s4_root, 's4', 'val', resize=224), batch_size=4)
+    b = next(iter(loader))
+    assert b['image'].shape == (4, 3, 224, 224) and b['audio'].shape == (4, 1, 96, 64)
+    assert b['bank_cls'].shape == (4,) and b['bank_wave'].shape == (4, EXAMPLE_SAMPLES)
+
+
+def test_train_augment_is_joint_seeded_and_pads_with_ignore(avss_root):
+    ds = AVSBenchDataset(avss_root, 'avss', 'train', train=True, crop=48, seed=5)
+    assert ds.crop == 48 and AVSBenchDataset(avss_root, 'avss', 'train', resize=224).crop == 224
+    s = ds[(0, 1)]
+    _check_sample(s, 71, hw=(48, 48))
+    assert (s['label'] == 255).any()                                         # 24x32 frame < 48 crop: padded
+    # a pure function of (seed, epoch, index), as VPODataset: same key, same sample; next epoch, another
+    assert torch.equal(ds[(0, 1)]['image'], s['image']) and torch.equal(ds[1]['image'], s['image'])
+    assert not torch.equal(ds[(1, 1)]['image'], s['image'])
+    # flip / scale / crop move image and label together: red = 255 exactly on the labelled box
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = _box(255)
+    seen = set()
+    for seed in range(12):
+        x, y = _augment(Image.fromarray(img), _box(1), crop=20, rng=np.random.default_rng(seed),
+                       scale=(0.8, 1.2), jitter=0.0)
+        red = x[0] * 0.229 + 0.485
+        sure = (y != 255) & ((red < 0.2) | (red > 0.8))                      # off the bilinear edge
+        assert x.shape == (3, 20, 20) and torch.equal((red[sure] > 0.5).long(), y[sure])
+        assert sure.sum() > 0.6 * (y != 255).sum()
+        # at scale 1 with a crop wider than the frame, the label is the mask, flipped or not, plus 255 pad
+        _, y = _augment(Image.fromarray(img), _box(1), crop=W + 4, rng=np.random.default_rng(seed),
+                       scale=(1.0, 1.0), jitter=0.0)
+        inside = y[(y != 255).any(1)][:, (y != 255).any(0)]                  # the pasted frame
+        assert inside.shape == (H, W) and (y == 255).sum() == (W + 4) ** 2 - H * W
+        seen.add('flip' if torch.equal(inside, torch.from_numpy(_box(1)).long().flip(-1)) else
+                 'keep' if torch.equal(inside, torch.from_numpy(_box(1)).long()) else 'other')
+    assert seen == {'flip', 'keep'}
+
+
+def test_missing_files_fail_clearly(s4_root, avss_root, tmp_path):
+    with pytest.raises(ValueError, match='one of'):
+        AVSBenchDataset(s4_root, 'vpo_ss', 'test')
+    with pytest.raises(ValueError, match='split'):
+        AVSBenchDataset(s4_root, 's4', 'testing')
+    with pytest.raises(FileNotFoundError, match='s4_meta_data.csv'):
+        AVSBenchDataset(avss_root, 's4', 'test')
+    # a CSV row whose video folder is absent: the error names the CSV line and the path
+    root = str(tmp_path / 'bad')
+    os.makedirs(root)
+    _csv(os.path.join(root, 's4_meta_data.csv'), ['name', 'start', 'category', 'split'], [['zz', 0, 'cat', 'test']])
+    with pytest.raises(FileNotFoundError, match=r'visual_frames.test.cat.zz.*s4_meta_data.csv line 2, video zz'):
+        AVSBenchDataset(root, 's4', 'test')
+    _csv(os.path.join(root, 's4_meta_data.csv'), ['name', 'start', 'split'], [['zz', 0, 'test']])
+    with pytest.raises(ValueError, match="lacks column.*category"):
+        AVSBenchDataset(root, 's4', 'test')
+    # a frame that vanished after indexing: named with its video and frame
+    ds = AVSBenchDataset(s4_root, 's4', 'val')
+    ds.rows = [dict(ds.rows[0], image=ds.rows[0]['image'].replace('_1.png', '_9.png'))]
+    with pytest.raises(FileNotFoundError, match=r'b1_9.png is missing .*video b1, frame 1'):
+        ds[0]
+    # label2idx.json must put background at 0
+    bad = str(tmp_path / 'avss')
+    os.makedirs(bad)
+    with open(os.path.join(bad, 'label2idx.json'), 'w') as f:
+        json.dump({'dog': 0, 'background': 1}, f)
+    with pytest.raises(ValueError, match='background = 0'):
+        AVSBenchDataset(bad, 'avss', 'test')
+
+
+def test_avsbench_trains_and_evaluates_end_to_end(s4_root, avss_root, tmp_path):
+    """--data s4 / avss go through the same train.py loop (VGGish branch, mono, per-image J and F)."""
+    for name, root in (('s4', s4_root), ('avss', avss_root)):
+        m = train.main(['--data', name, '--root', root, '--out', str(tmp_path), '--name', name, '--crop', '32',
+                        '--batch-size', '2', '--workers', '0', '--max-steps', '1', '--epochs', '1', '--vis', '1',
+                        '--resize', '32', '--dim', '76'])
+        assert m['args']['audio_backbone'] == 'vggish' and m['args']['mono'] and 0 <= m['miou'] <= 1
+        assert m['J'] is not None and m['cf_miou'] is None
