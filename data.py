@@ -221,11 +221,11 @@ def _rle(mask):
     return {'counts': ([0] + counts) if flat[0] else counts, 'size': list(mask.shape)}
 
 
-def _make_image(image_id, rng, cat_ids):
+def _make_image(image_id, rng, cat_ids, image_size=None):
     """One image + its annotations + captions. Every image holds >= 2 VPO classes (so only the audio
     says which object sounds); about a third hold 2 instances of one class far apart (so only stereo
     says which one)."""
-    W, H = int(rng.integers(128, 225)), int(rng.integers(112, 193))
+    W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
     c0, c1 = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)), _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8))
     g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
     img = (c0 * (1 - g) + c1 * g) + rng.normal(0, 0.03, (H, W, 3)).astype(np.float32)
@@ -316,7 +316,7 @@ def _make_clip(k, variant, rng, sr, seconds):
     return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
 
 
-def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, progress=True):
+def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True):
     """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
     captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
     16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long)."""
@@ -330,7 +330,7 @@ def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, p
         os.makedirs(os.path.join(coco, split), exist_ok=True)
         images, anns, caps = [], [], []
         for _ in range(n):
-            pixels, a, c = _make_image(image_id, rng, cat_ids)
+            pixels, a, c = _make_image(image_id, rng, cat_ids, image_size)
             name = f'{image_id:012d}.jpg'
             Image.fromarray(pixels).save(os.path.join(coco, split, name), quality=92)
             images.append({'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]})
@@ -410,8 +410,9 @@ class VPODataset(torch.utils.data.Dataset):
     Randomness is a pure function of (seed, epoch, index): index the dataset with (epoch, i) to get
     the same batch whatever the worker count, and after a resume."""
 
-    def __init__(self, root, subset, split, *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0, rows=None):
-        self.root, self.subset, self.split = root, subset, split
+    def __init__(self, root, subset, split, *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0, mono=False,
+                 seed=0, rows=None):
+        self.root, self.subset, self.split, self.scale = root, subset, split, tuple(scale)
         self.train, self.crop, self.seconds, self.mono, self.seed = train, crop, audio_seconds, mono, seed
         self.classes, self.num_classes = list(vpo.VPO_CLASSES), len(vpo.VPO_CLASSES)
         self.audio_transform = logmel   # waveform -> model input, for audio rebuilt in the loop (memory bank)
@@ -463,7 +464,7 @@ class VPODataset(torch.utils.data.Dataset):
         if label.size != image.size:
             raise ValueError(f'{where}: mask {label.size} and image {image.size} differ in size')
         if augment:
-            image, label, flip = joint_augment(image, label, crop=self.crop, rng=rng)
+            image, label, flip = joint_augment(image, label, crop=self.crop, rng=rng, scale=self.scale)
         elif flip:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
         y = np.asarray(label, np.int64)
@@ -737,7 +738,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
     No `load()`: the audio probes need instance maps and stereo, so evaluate.py skips them here.
     """
 
-    def __init__(self, root, name, split, *, train=False, crop=None, resize=None, subsets=None, seed=0):
+    def __init__(self, root, name, split, *, train=False, crop=None, scale=(0.5, 2.0), resize=None, subsets=None, seed=0):
         if name not in AVSBENCH:
             raise ValueError(f'--data {name!r}: AVSBench name must be one of {AVSBENCH}')
         if split not in ('train', 'val', 'test'):
@@ -761,7 +762,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
         self.num_classes = len(self.classes)
         self.subset, self.split = name, split
         self.palette = avss_palette(self.num_classes) if name == 'avss' else None
-        self.train, self.resize, self.seed = train, resize, seed
+        self.train, self.resize, self.seed, self.scale = train, resize, seed, tuple(scale)
         self.crop = crop or resize or 512
         self.audio_transform = vggish_audio
 
@@ -787,7 +788,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             image = image.resize((self.resize, self.resize), Image.BILINEAR)
             label = label.resize((self.resize, self.resize), Image.NEAREST)
         if self.train:    # a flip cannot mirror the audio: AVSBench audio is mono
-            image, label, _ = joint_augment(image, label, crop=self.crop, rng=np.random.default_rng([self.seed, epoch, index]))
+            image, label, _ = joint_augment(image, label, crop=self.crop, scale=self.scale, rng=np.random.default_rng([self.seed, epoch, index]))
         x, y = normalise(image), torch.from_numpy(np.array(label, dtype=np.int64))        # (3, H, W), (H, W)
         w = audio_segment(row['audio'], row['segment'], row)[None]                     # A=1, L=15600
         single = t.sum().item() == 1
@@ -811,15 +812,104 @@ def resolve_root(name, root=None, *, seed=0, progress=True):
     return ensure_builtin(root, seed=seed, progress=progress), 'builtin'
 
 
-def build_dataset(name, root=None, split='train', *, train=False, crop=512, audio_seconds=3.0, mono=False, seed=0,
-                  resize=None):
-    """The Dataset for --data name on `split` (train / val / test)."""
+def build_dataset(name, root=None, split='train', *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0,
+                  mono=False, seed=0, resize=None, subsets=None):
+    """The Dataset for --data name on `split` (train / val / test); subsets: AVSS v1s / v1m / v2 (Table 3)."""
     if name in AVSBENCH:
         if not root:
             raise ValueError(f'--data {name} needs --root: the folder of the released AVSBench files')
-        return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, resize=resize, seed=seed)
+        return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, scale=scale, resize=resize, subsets=subsets, seed=seed)
     if name not in VPO_SUBSETS:
         raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS + AVSBENCH)}')
     path, kind = resolve_root(name, root, seed=seed)
     rows = vpo.read_official(path, name, split) if kind == 'official' else None
-    return VPODataset(path, name, split, train=train, crop=crop, audio_seconds=audio_seconds, mono=mono, seed=seed, rows=rows)
+    return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds, mono=mono, seed=seed, rows=rows)
+
+
+# -----------------------------------------------------------------------------------------------
+# CLI: a look at the data, and the loader's throughput
+
+
+def preview(ds, n, path):
+    """A PNG of n samples: image | label overlay | log-mel of each audio plane (low frequencies at the bottom)."""
+    rows = []
+    for i in range(min(n, len(ds))):
+        s = ds.load(i)
+        img = ((s['image'].permute(1, 2, 0).numpy() * STD + MEAN).clip(0, 1) * 255).astype(np.uint8)
+        y = s['label'].numpy()
+        colour = np.array([[(37 * c) % 255, (91 * c) % 255, (173 * c) % 255] for c in range(256)], np.uint8)
+        over = np.where((y > 0)[..., None], 0.4 * img + 0.6 * colour[y], img).astype(np.uint8)
+        over[y == 255] = 255
+        panels = [Image.fromarray(img), Image.fromarray(over)]
+        for plane in s['audio']:                                    # (T, 64) per plane
+            m = plane.numpy().T[::-1]                                # 64 x T, low frequencies at the bottom
+            m = ((m - m.min()) / (np.ptp(m) + 1e-8) * 255).astype(np.uint8)
+            panels.append(Image.fromarray(m).resize((img.shape[1], img.shape[0])))
+        rows.append(panels)
+    W = sum(p.width for p in rows[0]) + 4 * len(rows[0])
+    H = sum(r[0].height + 16 for r in rows)
+    sheet = Image.new('RGB', (W, H), 'white')
+    draw, y0 = ImageDraw.Draw(sheet), 0
+    for i, panels in enumerate(rows):
+        row = ds.rows[i]
+        sounding = [f"{o['cls']} (alpha {o['alpha']:.2f})" for o in row['objects'] if o['sounding']]
+        draw.text((2, y0 + 2), f"{row['id']}: sounding {', '.join(sounding)} | panels: image, label, log-mel L, R", fill='black')
+        x0 = 0
+        for p in panels:
+            sheet.paste(p.convert('RGB'), (x0, y0 + 16))
+            x0 += p.width + 4
+        y0 += panels[0].height + 16
+    sheet.save(path)
+    return path
+
+
+def bench_loader(n, *, workers, crop, seconds, seed=0):
+    """Training samples/s of one DataLoader at the paper's setting (crop, 3 s stereo) on 640 x 480 JPEGs."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        coco, audio = make_builtin(tmp, seed=seed, n_train=48, n_val=8, clips_per_class=4, image_size=(640, 480), progress=False)
+        vpo.build(coco, audio, os.path.join(tmp, 'vpo'), seed=seed, progress=False)
+        ds = VPODataset(os.path.join(tmp, 'vpo'), 'vpo_ss', 'train', train=True, crop=crop, audio_seconds=seconds, seed=seed)
+        keys = [(e, i) for e in range(-(-(n + 32) // len(ds))) for i in range(len(ds))][:n + 32]
+        loader = torch.utils.data.DataLoader(keys, batch_size=8, num_workers=workers,
+                                             collate_fn=lambda ks: torch.utils.data.default_collate([ds[k] for k in ks]))
+        it = iter(loader)
+        for _ in range(4):   # warm-up: worker start, first decodes
+            next(it)
+        t0, seen = time.perf_counter(), 0
+        for b in it:
+            seen += len(b['index'])
+        return seen / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description='Look at a VPO subset: summary and a preview PNG (image, label, stereo log-mel).')
+    p.add_argument('--data', default='vpo_msmi', choices=VPO_SUBSETS, help='subset')
+    p.add_argument('--root', default=None, help='VPO folder, official release or built-in cache (default data/)')
+    p.add_argument('--split', default='train', choices=['train', 'val', 'test'], help='split to preview')
+    p.add_argument('--n', type=int, default=4, help='samples in the preview')
+    p.add_argument('--out', default=None, help='preview PNG (default <data>_<split>_preview.png)')
+    p.add_argument('--audio-seconds', type=float, default=3.0, help='audio window of the preview')
+    p.add_argument('--bench-loader', type=int, default=0, help='time N training samples (paper setting, 640x480 JPEGs) and exit')
+    p.add_argument('--workers', type=int, default=1, help='loader processes for --bench-loader')
+    p.add_argument('--crop', type=int, default=512, help='train crop for --bench-loader')
+    a = p.parse_args()
+    if a.bench_loader:
+        sps = bench_loader(a.bench_loader, workers=a.workers, crop=a.crop, seconds=a.audio_seconds)
+        print(f'{sps:.1f} training samples/s with {a.workers} worker(s): crop {a.crop}, {a.audio_seconds:g} s stereo, 640x480 JPEGs')
+        return
+    path, _ = resolve_root(a.data, a.root)
+    summary = os.path.join(path, 'summary.json')
+    if os.path.exists(summary):
+        vpo.print_summary(json.load(open(summary)))
+    for split in ('train', 'val', 'test'):
+        ds = build_dataset(a.data, a.root, split, audio_seconds=a.audio_seconds)
+        n_src = [sum(o['sounding'] for o in r['objects']) for r in ds.rows]
+        print(f'{a.data} {split}: {len(ds)} samples, {len({r["image_id"] for r in ds.rows})} images, '
+              f'{np.mean(n_src) if n_src else 0:.2f} sounding objects per sample')
+    ds = build_dataset(a.data, a.root, a.split, audio_seconds=a.audio_seconds)
+    print('preview ->', preview(ds, a.n, a.out or f'{a.data}_{a.split}_preview.png'))
+
+
+if __name__ == '__main__':
+    main()

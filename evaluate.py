@@ -395,6 +395,7 @@ def main():
                    help="dataset; must match the checkpoint's (default: the checkpoint's)")
     p.add_argument('--root', default=None, help="dataset root (default: the checkpoint's --root)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate')
+    p.add_argument('--avss-subsets', nargs='+', default=None, choices=['v1s', 'v1m', 'v2'], help='AVSS only: evaluate these subsets (Table 3 columns)')
     p.add_argument('--mono', action='store_true',
                    help='evaluate a mono checkpoint (Fig. 7 / Table 8); must match how the checkpoint was trained')
     # probes and outputs
@@ -414,7 +415,7 @@ def main():
     except (FileNotFoundError, ValueError, KeyError) as e:
         p.error(str(e))
     ds = data.build_dataset(cargs['data'], a.root or cargs['root'], a.split, train=False,
-                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'))
+                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'), subsets=a.avss_subsets)
     if ds.num_classes != cargs['num_classes']:
         raise ValueError(f"--ckpt {a.ckpt} has {cargs['num_classes']} classes, the {cargs['data']} "
                          f'dataset {ds.num_classes}')

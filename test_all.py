@@ -617,7 +617,7 @@ def test_bad_arguments_name_themselves():
 # ====================================================================================================
 
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')   # pycocotools + numpy 2
-W, H = 160, 120
+VW, VH = 160, 120
 CATS = {'person': 1, 'car': 3, 'airplane': 5, 'sheep': 20, 'dog': 18, 'cat': 17, 'horse': 19, 'zebra': 24,
         'giraffe': 25}   # giraffe: a non-VPO distractor
 # one template per image kind: (category, box x0, y0, x1, y1, segmentation kind)
@@ -644,12 +644,12 @@ def _rle_list(m):
 def _seg(kind, x0, y0, x1, y1):
     if kind == 'poly':
         return [[x0, y0, x1, y0, x1, y1, x0, y1]]
-    m = np.zeros((H, W), np.uint8)
+    m = np.zeros((VH, VW), np.uint8)
     m[y0:y1, x0:x1] = 1
     if kind == 'crowd_list':
-        return {'size': [H, W], 'counts': _rle_list(m)}
+        return {'size': [VH, VW], 'counts': _rle_list(m)}
     rle = maskutils.encode(np.asfortranarray(m))
-    return {'size': [H, W], 'counts': rle['counts'].decode()}
+    return {'size': [VH, VW], 'counts': rle['counts'].decode()}
 
 
 def make_coco(root, n_train=24, n_val=12):
@@ -659,7 +659,7 @@ def make_coco(root, n_train=24, n_val=12):
         images, anns, caps = [], [], []
         for i in range(base, base + n):
             t = i % len(TEMPLATES)
-            images.append({'id': i, 'file_name': f'{i:012d}.jpg', 'height': H, 'width': W})
+            images.append({'id': i, 'file_name': f'{i:012d}.jpg', 'height': VH, 'width': VW})
             for cat, x0, y0, x1, y1, kind in TEMPLATES[t]:
                 aid += 1
                 anns.append({'id': aid, 'image_id': i, 'category_id': CATS[cat], 'iscrowd': int('crowd' in kind),
@@ -789,10 +789,10 @@ def test_alpha_is_centre_of_mass_and_masks(vpo_built):
         for r in rs:
             label = np.asarray(Image.open(os.path.join(out, r['mask'])))
             inst = np.asarray(Image.open(os.path.join(out, r['inst'])))
-            assert label.shape == (H, W) and set(np.unique(label)) <= set(range(22)) | {255}
+            assert label.shape == (VH, VW) and set(np.unique(label)) <= set(range(22)) | {255}
             for k, o in enumerate(r['objects'], 1):
-                m = vpo._decode(anns[o['ann_id']]['segmentation'], H, W)
-                cx = (np.nonzero(m)[1] + 0.5).mean() / W
+                m = vpo._decode(anns[o['ann_id']]['segmentation'], VH, VW)
+                cx = (np.nonzero(m)[1] + 0.5).mean() / VW
                 assert abs(o['alpha'] - cx) < 1e-3 and o['area'] == m.sum()
                 want = vpo.CLS_INDEX[o['cls']] if o['sounding'] else 0
                 assert (label[inst == k] == want).all()
@@ -1218,7 +1218,7 @@ def test_format_table_lists_every_class():
 # loudness of each class per channel: L = (1 - alpha), R = alpha, as vpo.pan.
 
 CLASSES = ['background', 'dog', 'cat']
-H, W = 2, 8
+EH, EW = 2, 8
 
 
 class FakeDataset:
@@ -1226,11 +1226,11 @@ class FakeDataset:
         self.classes, self.num_classes, self.subset, self.mono = CLASSES, len(CLASSES), subset, mono
         self.rows, self.inst = [], []
         for i, (objs, cols) in enumerate(zip(objects_per_image, cols_per_image)):
-            inst = torch.zeros(H, W, dtype=torch.int64)
+            inst = torch.zeros(EH, EW, dtype=torch.int64)
             for k, (lo, hi) in enumerate(cols):
                 inst[:, lo:hi] = k + 1
             self.inst.append(inst)
-            self.rows.append({'id': f'fake/{i}', 'inst': f'inst/{i}.png', 'objects': [dict(cls=c, alpha=(lo + hi) / 2 / W, sounding=snd)
+            self.rows.append({'id': f'fake/{i}', 'inst': f'inst/{i}.png', 'objects': [dict(cls=c, alpha=(lo + hi) / 2 / EW, sounding=snd)
                                                               for (c, snd), (lo, hi) in zip(objs, cols)]})
 
     def __len__(self):
@@ -1243,14 +1243,14 @@ class FakeDataset:
         objs, inst = self.rows[i]['objects'], self.inst[i]
         if sounding is None:
             sounding = [k for k, o in enumerate(objs) if o['sounding']]
-        cls_map = torch.zeros(H, W, dtype=torch.int64)
-        label = torch.zeros(H, W, dtype=torch.int64)
+        cls_map = torch.zeros(EH, EW, dtype=torch.int64)
+        label = torch.zeros(EH, EW, dtype=torch.int64)
         for k, o in enumerate(objs):
             cls_map[inst == k + 1] = CLASSES.index(o['cls'])
             if k in sounding:
                 label[inst == k + 1] = CLASSES.index(o['cls'])
-        pos = ((torch.arange(W) + 0.5) / W).expand(H, W)
-        image = torch.stack([cls_map.float(), pos, torch.zeros(H, W)])
+        pos = ((torch.arange(EW) + 0.5) / EW).expand(EH, EW)
+        image = torch.stack([cls_map.float(), pos, torch.zeros(EH, EW)])
         a = torch.zeros(2, 1, len(CLASSES))
         for k in sounding:
             c, alpha = CLASSES.index(objs[k]['cls']), objs[k]['alpha']
@@ -1278,16 +1278,16 @@ class FakeModel(nn.Module):
         self.blind, self.image_calls = blind, 0
 
     def _fuse(self, x, a):
-        cls, pos = x[:, 0].long(), x[:, 1]                               # B, H, W
+        cls, pos = x[:, 0].long(), x[:, 1]                               # B, EH, EW
         energy, R = a.sum(1)[:, 0], a[:, -1, 0]                          # B, C
         pan = torch.where(energy > 0, R / energy.clamp_min(1e-9), torch.full_like(R, 0.5))
         if a.shape[1] == 1:                                              # mono: no direction
             pan = torch.full_like(pan, 0.5)
-        heard = energy.gather(1, cls.flatten(1)).view_as(pos) > 0        # B, H, W
+        heard = energy.gather(1, cls.flatten(1)).view_as(pos) > 0        # B, EH, EW
         p = pan.gather(1, cls.flatten(1)).view_as(pos)
         near = ((p - 0.5).abs() <= 0.1) | ((pos - p).abs() < 0.3)
         on = (cls > 0) & (self.blind | (heard & near))
-        z = one_hot(torch.where(on, cls, 0)) * 10.0 + self.w             # B, C, H, W
+        z = one_hot(torch.where(on, cls, 0)) * 10.0 + self.w             # B, C, EH, EW
         return z, heard.float()[:, None]                                 # attn: B, heads=1, h, w
 
     def forward(self, x, a):
@@ -1486,7 +1486,7 @@ def test_every_contrast_and_attention_runs(tiny_root, tmp_path):
 
 
 def test_benchmark_prints_phases(tiny_root, tmp_path, capsys):
-    assert run(tiny_root, tmp_path, '--epochs', '1', '--benchmark', '1', '--max-steps', '5') is None
+    assert run(tiny_root, tmp_path, '--epochs', '3', '--benchmark', '2') is None   # 3 warm-up + 2 timed steps, across epochs
     out = capsys.readouterr().out
     assert 'images/s' in out and 'cavp_fuse' in out and 'backward' in out
 
@@ -1508,18 +1508,18 @@ def _augment(image, label, **kw):
 
 SR = 16000
 KEYS = {'image', 'audio', 'wave', 'label', 't', 'index', 'bank_wave', 'bank_cls', 'bank_alpha'}
-H, W = 24, 32            # frame size of the fixtures (h, w)
+FH, FW = 24, 32            # frame size of the fixtures (h, w)
 
 
 # ----------------------------------------------------------------------------- fixture writers
 def _frame(path, seed):
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(rng.integers(0, 255, (FH, FW, 3), dtype=np.uint8)).save(path)
 
 
 def _box(value, fill=0, box=(4, 12, 6, 20)):
-    a = np.full((H, W), fill, np.uint8)
+    a = np.full((FH, FW), fill, np.uint8)
     a[box[0]:box[1], box[2]:box[3]] = value
     return a
 
@@ -1757,7 +1757,7 @@ def test_vggish_bad_weights_fail_clearly(tmp_path):
 
 
 # ----------------------------------------------------------------------------- loaders
-def _check_sample(s, num_classes, hw=(H, W)):
+def _check_sample(s, num_classes, hw=(FH, FW)):
     assert set(s) == KEYS
     assert s['image'].shape == (3, *hw) and s['image'].dtype == torch.float32
     assert s['audio'].shape == (1, 96, 64) and s['audio'].dtype == torch.float32
@@ -1886,7 +1886,7 @@ def test_train_augment_is_joint_seeded_and_pads_with_ignore(avss_root):
     assert torch.equal(ds[(0, 1)]['image'], s['image']) and torch.equal(ds[1]['image'], s['image'])
     assert not torch.equal(ds[(1, 1)]['image'], s['image'])
     # flip / scale / crop move image and label together: red = 255 exactly on the labelled box
-    img = np.zeros((H, W, 3), np.uint8)
+    img = np.zeros((FH, FW, 3), np.uint8)
     img[..., 0] = _box(255)
     seen = set()
     for seed in range(12):
@@ -1897,10 +1897,10 @@ def test_train_augment_is_joint_seeded_and_pads_with_ignore(avss_root):
         assert x.shape == (3, 20, 20) and torch.equal((red[sure] > 0.5).long(), y[sure])
         assert sure.sum() > 0.6 * (y != 255).sum()
         # at scale 1 with a crop wider than the frame, the label is the mask, flipped or not, plus 255 pad
-        _, y = _augment(Image.fromarray(img), _box(1), crop=W + 4, rng=np.random.default_rng(seed),
+        _, y = _augment(Image.fromarray(img), _box(1), crop=FW + 4, rng=np.random.default_rng(seed),
                        scale=(1.0, 1.0), jitter=0.0)
         inside = y[(y != 255).any(1)][:, (y != 255).any(0)]                  # the pasted frame
-        assert inside.shape == (H, W) and (y == 255).sum() == (W + 4) ** 2 - H * W
+        assert inside.shape == (FH, FW) and (y == 255).sum() == (FW + 4) ** 2 - FH * FW
         seen.add('flip' if torch.equal(inside, torch.from_numpy(_box(1)).long().flip(-1)) else
                  'keep' if torch.equal(inside, torch.from_numpy(_box(1)).long()) else 'other')
     assert seen == {'flip', 'keep'}
@@ -1941,6 +1941,6 @@ def test_avsbench_trains_and_evaluates_end_to_end(s4_root, avss_root, tmp_path):
     for name, root in (('s4', s4_root), ('avss', avss_root)):
         m = train.main(['--data', name, '--root', root, '--out', str(tmp_path), '--name', name, '--crop', '32',
                         '--batch-size', '2', '--workers', '0', '--max-steps', '1', '--epochs', '1', '--vis', '1',
-                        '--resize', '32', '--dim', '76'])
+                        '--resize', '32', '--dim', '76', '--weights', 'none'])
         assert m['args']['audio_backbone'] == 'vggish' and m['args']['mono'] and 0 <= m['miou'] <= 1
         assert m['J'] is not None and m['cf_miou'] is None

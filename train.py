@@ -32,12 +32,12 @@ from model import CAVP
 # source without a GPU: same recipe, scaled so that `python train.py --data vpo_ss` finishes in
 # about 10 minutes on 2 cores (random init, small backbone, small crop, 1 s audio, more lr).
 PRESETS = {
-    'paper': dict(backbone='resnet50', output_stride=8, crop=512, batch_size=16, epochs=80, lr=1e-3,
+    'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
                   head_lr_mult=10.0, audio_seconds=3.0, max_anchors=512, eval_every=1, workers=8,
                   optimizer='sgd', dim=304),
-    'cpu': dict(backbone='resnet18', output_stride=16, crop=96, batch_size=16, epochs=3, lr=2e-2,
-                head_lr_mult=1.0, audio_seconds=1.0, max_anchors=256, eval_every=1, workers=1,
-                optimizer='sgd', dim=76),
+    'cpu': dict(backbone='resnet18', output_stride=16, crop=112, scale=(0.5, 1.0), batch_size=16, epochs=3,
+                optimizer='adamw', lr=4e-3, weight_decay=1e-4, head_lr_mult=1.0, audio_seconds=1.0, max_anchors=256,
+                eval_every=1, workers=1, dim=76),
 }
 
 
@@ -50,6 +50,7 @@ def get_args(argv=None):
     p.add_argument('--preset', default='auto', choices=['auto', 'paper', 'cpu'],
                    help="defaults for the flags left unset: 'paper' = App. B.1; 'cpu' = small demo; auto = cpu without CUDA")
     p.add_argument('--crop', type=int, default=None, help='train crop size (paper 512)')
+    p.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random scale range of training images (paper 0.5 2.0)')
     p.add_argument('--audio-seconds', type=float, default=None, help='audio window: 1 or 3 s (App. B.1; paper VPO 3)')
     p.add_argument('--mono', action='store_true', help='mono audio, one log-mel plane (Fig. 7 / Table 8 ablation)')
     p.add_argument('--workers', type=int, default=None, help='data loader processes per GPU/process')
@@ -78,7 +79,7 @@ def get_args(argv=None):
     p.add_argument('--lr', type=float, default=None, help='base learning rate (paper 1e-3), not scaled by the GPU count')
     p.add_argument('--head-lr-mult', type=float, default=None, help='lr multiplier of everything but the image backbone (official 10)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay')
+    p.add_argument('--weight-decay', type=float, default=None, help='weight decay (paper 5e-4)')
     p.add_argument('--poly-power', type=float, default=0.9, help='poly decay (1 - it/total)^power')
     p.add_argument('--grad-clip', type=float, default=0.0, help='clip grad norm (0 = off)')
     # run
@@ -237,7 +238,7 @@ def main(argv=None):
     source = 'avsbench' if args.data in data.AVSBENCH else data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
         args.weights = 'none' if source == 'builtin' else 'imagenet'
-    mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop,
+    mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop, scale=args.scale,
                                                  audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize)
     train_set, val_set, test_set = mk('train', True), mk('val', False), mk('test', False)
     if args.limit:
