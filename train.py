@@ -1,6 +1,6 @@
 """Train CAVP (Sec. 4) on VPO (Sec. 3): cross-entropy + the CAVP contrastive term (Eq. 5).
 
-    python train.py --data vpo_ss                          # built-in source, CPU preset, ~10 min on 2 cores
+    python train.py --data vpo_ss                          # built-in source, CPU preset, ~13 min on 2 cores
     torchrun --nproc_per_node 8 train.py --data vpo_msmi --root /data/vpo --weights imagenet
     python train.py --data vpo_ss --resume runs/vpo_ss/last.pt
     python train.py --data vpo_ss --benchmark 20           # images/s and a per-phase time split
@@ -10,7 +10,6 @@ runs on a laptop CPU and on N GPUs alike.
 """
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -28,9 +27,10 @@ import loss as L
 import vpo
 from model import CAVP
 
-# The paper's setting (App. B.1, NOTES-official-code.md) and the CPU preset used on the built-in
-# source without a GPU: same recipe, scaled so that `python train.py --data vpo_ss` finishes in
-# about 10 minutes on 2 cores (random init, small backbone, small crop, 1 s audio, more lr).
+# The paper's setting (App. B.1, NOTES-official-code.md) and the CPU preset used without a GPU: the same
+# recipe scaled down for 2 CPU cores (random init, ResNet-18 at OS 16, D = 76, crop 112 at scale 0.5-1.0 so
+# most crops hold the whole small built-in image, 1 s audio, AdamW at a higher lr, 3 epochs). It takes about
+# 13 minutes there and is not converged: README, "Results", has the learning curve and what was tried.
 PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
                   head_lr_mult=10.0, audio_seconds=3.0, max_anchors=512, eval_every=1, workers=8,
@@ -168,11 +168,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self):
         return ((self.epoch, i) for i in super().__iter__())
-
-
-def collate(samples):
-    out = torch.utils.data.default_collate([{k: v for k, v in s.items()} for s in samples])
-    return out
 
 
 @torch.no_grad()
