@@ -186,14 +186,16 @@ def contrastive_loss(z, y, a_hot, own_hot, *, mode='cavp', tau=0.1, max_anchors=
 class MemoryBank:
     """App. B.1: a per-class FIFO of raw mono waveforms of single-source clips (the dataset's bank_wave /
     bank_cls), kept on CPU. Under DDP every rank keeps its own bank of its own samples: nothing is shared,
-    so nothing needs to be synchronised. Not checkpointed (it would be hundreds of MB); after a resume it
-    refills within a few iterations.
+    so nothing needs to be synchronised. train.py saves the clips in its checkpoints (--bank-size per class,
+    1 s each in the CPU preset) so that a single-process resume is exact; under DDP every rank restores rank
+    0's bank, which then refills with the rank's own samples within a few iterations.
 
-    Use in train.py, after pair_permutation and before the log-mel of the permuted audio:
+    Use (train.py), after pair_permutation: the permuted pairing reuses the batch's audio features, and the
+    swapped rows get new audio, whose log-mel goes through the audio network:
         swap = bank_swap(perm, t, bank_cls, rate=bank_rate, stored=bank.stored(), generator=g)
         for i in swap.nonzero()[:, 0].tolist():      # the waveform really changes (NOTES bug 3)
             clip = bank.sample(bank_cls[i], generator=g)                    # (L,) mono
-            wave_perm[i] = pan(clip, bank_alpha[i]) if stereo else clip  # at the image's object
+            wave_i = pan(clip, bank_alpha[i]) if stereo else clip          # at the image's object
         a_hot = torch.where(swap[:, None], F.one_hot(bank_cls, C).bool(), t[perm].bool())
         bank.push(bank_wave, bank_cls)      # after the swap: no image gets back the clip it came with
     """
