@@ -528,9 +528,13 @@ def joint_augment(image, label, *, crop, rng, scale=(0.5, 2.0), jitter=0.4):
     return img, lab, flip
 
 
+_MEAN_T, _STD_T = torch.from_numpy(MEAN)[:, None, None], torch.from_numpy(STD)[:, None, None]
+
+
 def normalise(image):
-    """PIL RGB -> (3, H, W) float32, ImageNet-normalised."""
-    return torch.from_numpy((np.asarray(image, np.float32) / 255 - MEAN) / STD).permute(2, 0, 1).contiguous()
+    """PIL RGB -> (3, H, W) float32, ImageNet-normalised ((x / 255 - mean) / std, in place on one buffer)."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().float()   # 3, H, W
+    return x.div_(255).sub_(_MEAN_T).div_(_STD_T)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1039,6 +1039,13 @@ def test_probe_loads(builtin):
     assert torch.allclose(ds.load(0, swap=True)['wave'], ds.load(0)['wave'].flip(0))
 
 
+def test_normalise_is_imagenet_normalisation():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8))
+    ref = (np.asarray(img, np.float32) / 255 - data.MEAN) / data.STD                     # H, W, 3
+    x = data.normalise(img)
+    assert x.shape == (3, 7, 9) and x.is_contiguous() and torch.equal(x, torch.from_numpy(ref).permute(2, 0, 1))
+
+
 def test_read_clip_any_rate_channels_length(tmp_path):
     t = np.arange(22050) / 22050
     sf.write(tmp_path / 'a.flac', np.sin(2 * np.pi * 440 * t), 22050)                 # 1 s mono flac
