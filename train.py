@@ -226,11 +226,14 @@ def main(argv=None):
                 setattr(args, k, saved.get(k))
 
     # ---- data ----
-    if master and args.data not in data.AVSBENCH:   # the built-in source is generated once, by rank 0
-        data.resolve_root(args.data, args.root, seed=args.seed)
-    if ddp:
-        dist.barrier()
-    source = 'avsbench' if args.data in data.AVSBENCH else data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
+    source = 'avsbench'
+    if args.data not in data.AVSBENCH:   # rank 0 generates the built-in source once; the others wait, then look
+        if master:
+            source = data.resolve_root(args.data, args.root, seed=args.seed)[1]
+        if ddp:
+            dist.barrier()
+        if not master:
+            source = data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
         args.weights = 'none' if source == 'builtin' else 'imagenet'
     mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop, scale=args.scale,
