@@ -406,13 +406,16 @@ class VPODataset(torch.utils.data.Dataset):
     in every subset: the official code forgets it in VPO-SS) and probes can re-mix any objects.
 
     Train (App. B.1): colour jitter, random scale 0.5-2.0, random crop (pad: image mean, mask 255),
-    horizontal flip, random audio window. Test: original resolution, centre audio window.
+    horizontal flip, random audio window. Test: the image at test_scale x its size (1 = original, the
+    paper), the label always at original resolution (metrics are computed there), centre audio window.
     Randomness is a pure function of (seed, epoch, index): index the dataset with (epoch, i) to get
     the same batch whatever the worker count, and after a resume."""
 
     def __init__(self, root, subset, split, *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0, mono=False,
-                 seed=0, rows=None):
-        self.root, self.subset, self.split, self.scale = root, subset, split, tuple(scale)
+                 seed=0, rows=None, test_scale=1.0):
+        if not 0 < test_scale <= 4:
+            raise ValueError(f'test_scale={test_scale}: expected a factor in (0, 4]')
+        self.root, self.subset, self.split, self.scale, self.test_scale = root, subset, split, tuple(scale), test_scale
         self.train, self.crop, self.seconds, self.mono, self.seed = train, crop, audio_seconds, mono, seed
         self.classes, self.num_classes = list(vpo.VPO_CLASSES), len(vpo.VPO_CLASSES)
         self.audio_transform = logmel   # waveform -> model input, for audio rebuilt in the loop (memory bank)
@@ -467,6 +470,9 @@ class VPODataset(torch.utils.data.Dataset):
             image, label, flip = joint_augment(image, label, crop=self.crop, rng=rng, scale=self.scale)
         elif flip:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
+        if not augment and self.test_scale != 1:   # the network sees a rescaled image; the label keeps its size
+            image = image.resize((max(1, round(image.width * self.test_scale)), max(1, round(image.height * self.test_scale))),
+                                 Image.BILINEAR)
         y = np.asarray(label, np.int64)
 
         # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
@@ -817,17 +823,21 @@ def resolve_root(name, root=None, *, seed=0, progress=True):
 
 
 def build_dataset(name, root=None, split='train', *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0,
-                  mono=False, seed=0, resize=None, subsets=None):
-    """The Dataset for --data name on `split` (train / val / test); subsets: AVSS v1s / v1m / v2 (Table 3)."""
+                  mono=False, seed=0, resize=None, subsets=None, test_scale=1.0):
+    """The Dataset for --data name on `split` (train / val / test); subsets: AVSS v1s / v1m / v2 (Table 3);
+    test_scale: VPO only, the factor evaluation images are resized by (labels stay at original size)."""
     if name in AVSBENCH:
         if not root:
             raise ValueError(f'--data {name} needs --root: the folder of the released AVSBench files')
+        if test_scale != 1:
+            raise ValueError(f'test_scale={test_scale}: AVSBench evaluates at --resize or original resolution')
         return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, scale=scale, resize=resize, subsets=subsets, seed=seed)
     if name not in VPO_SUBSETS:
         raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS + AVSBENCH)}')
     path, kind = resolve_root(name, root, seed=seed)
     rows = vpo.read_official(path, name, split) if kind == 'official' else None
-    return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds, mono=mono, seed=seed, rows=rows)
+    return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds, mono=mono, seed=seed,
+                      rows=rows, test_scale=test_scale)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -163,22 +163,29 @@ def mirror_pair(objects):
 # evaluation loop
 
 
-def _runner(model, x, amp):
-    """run(audio) -> (logits float32 (1, C, H, W), attn (1, heads, h, w)) for image x. Models with the
-    split API (model.CAVP) run the image branch once and reuse u_v for every audio the probes need
-    (Sec. 4.1: audio enters only at fusion); others (tests' fakes, peers) are called as model(x, a)."""
+def _runner(model, x, amp, size=None):
+    """run(audios) -> (logits float32 (k, C, *size), attn (k, heads, h, w)) for image x (1, 3, H, W) and a
+    (k, A, T, F) stack of k audio inputs, all in one batch; size: the label's (H, W), default x's (they
+    differ when the dataset rescales test images: logits are upsampled to the label, where metrics live).
+    Models with the split API (model.CAVP) run the image branch once and fuse its u_v with every audio the
+    probes need (Sec. 4.1: audio enters only at fusion); others (tests' fakes, peers) are called as
+    model(x repeated k times, audios)."""
+    size = tuple(size or x.shape[-2:])
     split = all(hasattr(model, n) for n in ('forward_image', 'forward_audio', 'fuse', 'classify'))
     with amp():
         v = model.forward_image(x) if split else None
 
-    def run(a):
+    def run(audios):
+        k = audios.shape[0]
         with amp():
             if split:
-                z, attn = model.fuse(v['u_v'], model.forward_audio(a))       # z: (1, D, h, w)
-                logits = model.classify(z, tuple(x.shape[-2:]))              # (1, C, H, W)
+                z, attn = model.fuse(v['u_v'].expand(k, -1, -1, -1), model.forward_audio(audios))  # z: (k, D, h, w)
+                logits = model.classify(z, size)                                                   # (k, C, H, W)
             else:
-                out = model(x, a)
+                out = model(x.expand(k, -1, -1, -1), audios)
                 logits, attn = out['logits'], out['attn']
+                if tuple(logits.shape[-2:]) != size:
+                    logits = F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
         return logits.float(), attn
     return run
 
@@ -224,8 +231,25 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
         x, label = s['image'][None].to(device), s['label'][None].to(device)   # (1, 3, H, W), (1, H, W)
         if stereo is None:  # decided on the first sample: the probe needs two channels (Sec. 3) and MSMI
             stereo = has_load and s['audio'].shape[0] == 2 and getattr(dataset, 'subset', None) == 'vpo_msmi'
-        run = _runner(model, x, amp)
-        logits, attn = run(s['audio'][None].to(device))
+        run = _runner(model, x, amp, label.shape[-2:])
+        # The probes' audio inputs (each a re-mix of this image's clips) go through the model in one batch
+        # with the original: the image branch runs once, the audio branch and f_CA once per batch.
+        objects = dataset.rows[i]['objects'] if has_load else []
+        # re-choosing the sounding objects needs the instance map; the official release has none
+        rechoose = has_load and bool(dataset.rows[i].get('inst'))
+        c = counterfactual_class(objects) if rechoose else None
+        pair = mirror_pair(objects) if stereo and rechoose else None
+        extra = {}   # probe name -> sample dict
+        if c is not None:  # Figs. 1, 14: another present class's audio; its instances are the target
+            extra['cf'] = dataset.load(i, sounding=[k for k, o in enumerate(objects) if o['cls'] == c])
+        if has_load:
+            for kind in ('silence', 'noise'):
+                extra[kind] = dataset.load(i, audio=kind)
+        if pair is not None:  # Fig. 13: L and R swapped, image unchanged
+            extra['swap'] = dataset.load(i, swap=True)
+        logits_all, attn = run(torch.stack([s['audio']] + [e['audio'] for e in extra.values()]).to(device))
+        preds = dict(zip(extra, logits_all[1:].argmax(1, keepdim=True)))   # name -> (1, H, W)
+        logits, attn = logits_all[:1], attn[:1]
         pred = logits.argmax(1)                                              # (1, H, W)
         conf += confusion_matrix(pred, label, C).cpu()
         valid, gt = label != 255, (label != 0) & (label != 255)
@@ -234,31 +258,23 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
         j_sum, j_n = j_sum + j.nansum().item(), j_n + (~j.isnan()).sum().item()
         f_sum, f_n = f_sum + f.nansum().item(), f_n + (~f.isnan()).sum().item()
         audio_preds = [('original', pred)]
+        if c is not None:
+            conf_cf += confusion_matrix(preds['cf'], extra['cf']['label'][None].to(device), C).cpu()
+            cf_n += 1
+            audio_preds.append((c, preds['cf']))
         if has_load:
-            objects = dataset.rows[i]['objects']
-            # re-choosing the sounding objects needs the instance map; the official release has none
-            rechoose = bool(dataset.rows[i].get('inst'))
-            c = counterfactual_class(objects) if rechoose else None
-            if c is not None:  # Figs. 1, 14: another present class's audio; its instances are the target
-                cf = dataset.load(i, sounding=[k for k, o in enumerate(objects) if o['cls'] == c])
-                pred_cf = run(cf['audio'][None].to(device))[0].argmax(1)
-                conf_cf += confusion_matrix(pred_cf, cf['label'][None].to(device), C).cpu()
-                cf_n += 1
-                audio_preds.append((c, pred_cf))
             for kind in ('silence', 'noise'):
-                pred_k = run(dataset.load(i, audio=kind)['audio'][None].to(device))[0].argmax(1)
-                fg_px[kind] += (pred_k != 0).sum().item()
-                audio_preds.append((kind, pred_k))
+                fg_px[kind] += (preds[kind] != 0).sum().item()
+                audio_preds.append((kind, preds[kind]))
             total_px += pred.numel()
-            pair = mirror_pair(objects) if stereo and rechoose else None
-            if pair is not None:  # Fig. 13: instance masks of s (its class in the label) and m (load with m sounding)
-                k = classes.index(objects[pair[0]]['cls'])
-                inst_s, inst_m = label[0] == k, dataset.load(i, sounding=[pair[1]])['label'].to(device) == k
-                pred_sw = run(dataset.load(i, swap=True)['audio'][None].to(device))[0].argmax(1)[0] == k
-                cover = lambda p, m: (p & m).sum().item() / max(m.sum().item(), 1)
-                stereo_n += 1
-                stereo_hit += cover(pred[0] == k, inst_s) > cover(pred[0] == k, inst_m)
-                swap_hit += cover(pred_sw, inst_m) > cover(pred_sw, inst_s)
+        if pair is not None:  # instance masks of s (its class in the label) and m (load with m sounding)
+            k = classes.index(objects[pair[0]]['cls'])
+            inst_s, inst_m = label[0] == k, dataset.load(i, sounding=[pair[1]])['label'].to(device) == k
+            pred_sw = preds['swap'][0] == k
+            cover = lambda p, m: (p & m).sum().item() / max(m.sum().item(), 1)
+            stereo_n += 1
+            stereo_hit += cover(pred[0] == k, inst_s) > cover(pred[0] == k, inst_m)
+            swap_hit += cover(pred_sw, inst_m) > cover(pred_sw, inst_s)
         if i < vis:
             save_picture(os.path.join(vis_dir, f'{i:05d}.png'), s['image'], s['label'], pred[0],
                          _attn_map(attn, tuple(label.shape[-2:])), audio_preds, classes)
@@ -396,6 +412,8 @@ def main():
     p.add_argument('--root', default=None, help="dataset root (default: the checkpoint's --root)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate')
     p.add_argument('--avss-subsets', nargs='+', default=None, choices=['v1s', 'v1m', 'v2'], help='AVSS only: evaluate these subsets (Table 3 columns)')
+    p.add_argument('--test-scale', type=float, default=None,
+                   help="VPO: resize images by this factor before the network (metrics stay at original resolution); default the checkpoint's")
     p.add_argument('--mono', action='store_true',
                    help='evaluate a mono checkpoint (Fig. 7 / Table 8); must match how the checkpoint was trained')
     # probes and outputs
@@ -415,7 +433,8 @@ def main():
     except (FileNotFoundError, ValueError, KeyError) as e:
         p.error(str(e))
     ds = data.build_dataset(cargs['data'], a.root or cargs['root'], a.split, train=False,
-                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'), subsets=a.avss_subsets)
+                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'), subsets=a.avss_subsets,
+                            test_scale=a.test_scale or cargs.get('test_scale') or 1.0)
     if ds.num_classes != cargs['num_classes']:
         raise ValueError(f"--ckpt {a.ckpt} has {cargs['num_classes']} classes, the {cargs['data']} "
                          f'dataset {ds.num_classes}')

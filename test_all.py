@@ -1039,6 +1039,22 @@ def test_probe_loads(builtin):
     assert torch.allclose(ds.load(0, swap=True)['wave'], ds.load(0)['wave'].flip(0))
 
 
+def test_test_scale_rescales_the_image_not_the_label(builtin):
+    full = data.VPODataset(builtin, 'vpo_ss', 'test', audio_seconds=1.0)
+    half = data.VPODataset(builtin, 'vpo_ss', 'test', audio_seconds=1.0, test_scale=0.5)
+    a, b = full[0], half[0]
+    H, W = a['label'].shape
+    assert a['image'].shape[-2:] == (H, W) and b['image'].shape[-2:] == (round(H / 2), round(W / 2))
+    assert torch.equal(a['label'], b['label']) and torch.equal(a['audio'], b['audio'])
+    assert half.load(0, audio='silence')['image'].shape == b['image'].shape   # probes see the same scale
+    train_half = data.VPODataset(builtin, 'vpo_ss', 'train', train=True, crop=48, audio_seconds=1.0, test_scale=0.5)
+    assert train_half[(0, 0)]['image'].shape[-2:] == (48, 48)                  # training crops are unaffected
+    with pytest.raises(ValueError, match='test_scale=0'):
+        data.VPODataset(builtin, 'vpo_ss', 'test', test_scale=0)
+    with pytest.raises(ValueError, match='test_scale=0.5.*AVSBench'):
+        data.build_dataset('s4', '/nowhere', 'test', test_scale=0.5)
+
+
 def test_normalise_is_imagenet_normalisation():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8))
     ref = (np.asarray(img, np.float32) / 255 - data.MEAN) / data.STD                     # H, W, 3
@@ -1486,8 +1502,46 @@ def test_resume_continues_exactly(tiny_root, tmp_path, monkeypatch):
     assert s['best'] == r['best']
 
 
+def test_balanced_sampling_evens_out_sounding_classes():
+    """--balance: weight n_c^-power of a sample's rarest sounding class; draws are a function of (seed, epoch),
+    dealt out by rank; power 0 and datasets without VPO rows keep the uniform permutation."""
+    obj = lambda c, s=True: {'cls': c, 'sounding': s}
+    rows = [{'objects': [obj('car'), obj('dog', False)]}] * 8 + [{'objects': [obj('dog'), obj('car', False)]}] * 2
+    ds = types.SimpleNamespace(rows=rows)
+    w = train.balance_weights(ds, 1.0)
+    assert torch.allclose(w, torch.tensor([1 / 8] * 8 + [1 / 2] * 2, dtype=torch.float64))
+    w_half = train.balance_weights(ds, 0.5)
+    assert torch.allclose(w_half[0] / w_half[-1], torch.tensor(0.5, dtype=torch.float64))
+    assert train.balance_weights(ds, 0.0) is None
+    assert train.balance_weights(types.SimpleNamespace(rows=[{'frames': 5}]), 1.0) is None   # AVSBench rows
+    mixed = rows + [{'objects': [obj('car', False)]}]   # no sounding object: an average draw
+    assert train.balance_weights(types.SimpleNamespace(rows=mixed), 1.0)[-1] == pytest.approx((8 / 8 + 2 / 2) / 10)
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+    big = Rows(rows * 100)   # car sounds in 800 samples, dog in 200
+    def draw(rank, world, epoch):
+        sampler = train.EpochSampler(big, weights=train.balance_weights(big, 1.0), num_replicas=world, rank=rank,
+                                     shuffle=True, seed=3, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    one = draw(0, 1, 0)
+    assert len(one) == 1000 and all(e == 0 for e, _ in one)
+    dog = sum(big.rows[i]['objects'][0]['cls'] == 'dog' for _, i in one) / len(one)
+    assert 0.45 < dog < 0.55   # 0.2 without balancing
+    assert one == draw(0, 1, 0) and one != draw(0, 1, 1)   # pure function of (seed, epoch)
+    r0, r1 = draw(0, 2, 0), draw(1, 2, 0)
+    assert len(r0) == len(r1) == 500 and sorted(r0 + r1) == sorted(one)
+    plain = train.EpochSampler(big, num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
+    assert sorted(i for _, i in plain) == list(range(1000))   # no weights: a permutation
+
+
 def test_every_contrast_and_attention_runs(tiny_root, tmp_path):
-    for extra in (['--contrast', 'none'], ['--contrast', 'supcon'], ['--attn', 'softmax'], ['--mono']):
+    for extra in (['--contrast', 'none'], ['--contrast', 'supcon'], ['--attn', 'softmax'], ['--mono'], ['--test-scale', '0.5']):
         m = run(tiny_root, tmp_path, '--epochs', '1', '--name', 'v', '--no-probes', '--max-steps', '1', *extra)
         assert 0 <= m['miou'] <= 1
 

@@ -33,11 +33,11 @@ from model import CAVP
 # 13 minutes there and is not converged: README, "Results", has the learning curve and what was tried.
 PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
-                  head_lr_mult=10.0, audio_seconds=3.0, max_anchors=512, eval_every=1, workers=8,
+                  head_lr_mult=10.0, audio_seconds=3.0, balance=0.0, test_scale=1.0, max_anchors=512, eval_every=1, workers=8,
                   optimizer='sgd', dim=304),
     'cpu': dict(backbone='resnet18', output_stride=16, crop=112, scale=(0.5, 1.0), batch_size=16, epochs=3,
                 optimizer='adamw', lr=4e-3, weight_decay=1e-4, head_lr_mult=1.0, audio_seconds=1.0, max_anchors=256,
-                eval_every=1, workers=1, dim=76),
+                eval_every=1, workers=1, dim=76, balance=0.0, test_scale=1.0),
 }
 
 
@@ -51,9 +51,12 @@ def get_args(argv=None):
                    help="defaults for the flags left unset: 'paper' = App. B.1; 'cpu' = small demo; auto = cpu without CUDA")
     p.add_argument('--crop', type=int, default=None, help='train crop size (paper 512)')
     p.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random scale range of training images (paper 0.5 2.0)')
+    p.add_argument('--test-scale', type=float, default=None, help='VPO: val/test images resized by this factor, metrics at original resolution (paper 1)')
     p.add_argument('--audio-seconds', type=float, default=None, help='audio window: 1 or 3 s (App. B.1; paper VPO 3)')
     p.add_argument('--mono', action='store_true', help='mono audio, one log-mel plane (Fig. 7 / Table 8 ablation)')
     p.add_argument('--workers', type=int, default=None, help='data loader processes per GPU/process')
+    p.add_argument('--balance', type=float, default=None, metavar='POWER',
+                   help='class-balanced sampling: draw a sample with weight n_c^-POWER of its rarest sounding class (paper 0 = uniform)')
     # model
     p.add_argument('--backbone', default=None, choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'], help='image backbone (paper resnet50)')
     p.add_argument('--output-stride', type=int, default=None, choices=[8, 16], help='backbone output stride (paper 8)')
@@ -164,10 +167,41 @@ def set_rng_state(s):
 
 class EpochSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that yields (epoch, index): each sample's augmentation is a pure function
-    of (seed, epoch, index), whatever the worker count, and again after a resume."""
+    of (seed, epoch, index), whatever the worker count, and again after a resume. With `weights` an
+    epoch is len(dataset) draws with replacement (torch.multinomial seeded by seed + epoch, the same
+    on every rank, then dealt out by rank) instead of a permutation."""
+
+    def __init__(self, dataset, *, weights=None, **kw):
+        super().__init__(dataset, **kw)
+        self.weights = weights
 
     def __iter__(self):
-        return ((self.epoch, i) for i in super().__iter__())
+        if self.weights is None:
+            return ((self.epoch, i) for i in super().__iter__())
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.total_size, replacement=True, generator=g).tolist()
+        return ((self.epoch, i) for i in draws[self.rank:self.total_size:self.num_replicas])
+
+
+def balance_weights(dataset, power):
+    """Per-sample draw weights that even out the sounding classes: a class seen in n_c training samples
+    gets n_c ** -power (0 = uniform, the paper; 1 = every class equally often), and a sample takes the
+    largest weight among its sounding classes (repeat-factor sampling, as LVIS does for rare classes).
+    None when power is 0 or the dataset has no VPO rows (AVSBench: uniform).
+    Not in the paper: on the built-in source some classes sound in 4x fewer samples than others (the
+    persons share one slot per image, small shapes fail VPO's area rule more often), and the per-class
+    mIoU then reads 0 for them after a short CPU run."""
+    rows = getattr(dataset, 'rows', None)
+    if not power or not rows or 'objects' not in rows[0]:
+        return None
+    sounding = [{o['cls'] for o in r['objects'] if o['sounding']} for r in rows]
+    counts = {}
+    for s in sounding:
+        for c in s:
+            counts[c] = counts.get(c, 0) + 1
+    w = [max((counts[c] ** -power for c in s), default=0.0) for s in sounding]
+    mean = sum(w) / max(sum(1 for x in w if x), 1)
+    return torch.tensor([x or mean for x in w], dtype=torch.float64)   # no sounding class: an average draw
 
 
 @torch.no_grad()
@@ -175,11 +209,12 @@ def validate(model, dataset, device, amp_dtype, rank, world):
     """Dataset-level mIoU on this rank's share of the split; confusion matrices summed over ranks."""
     model.eval()
     conf = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.int64, device=device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     for i in range(rank, len(dataset), world):
         s = dataset[i]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(s['image'][None].to(device), s['audio'][None].to(device))['logits']
-        conf += evaluate.confusion_matrix(logits.argmax(1), s['label'][None].to(device), dataset.num_classes)
+        label = s['label'][None].to(device)
+        logits, _ = evaluate._runner(model, s['image'][None].to(device), amp, label.shape[-2:])(s['audio'][None].to(device))
+        conf += evaluate.confusion_matrix(logits.argmax(1), label, dataset.num_classes)
     if world > 1:
         dist.all_reduce(conf)
     model.train()
@@ -237,7 +272,8 @@ def main(argv=None):
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
         args.weights = 'none' if source == 'builtin' else 'imagenet'
     mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop, scale=args.scale,
-                                                 audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize)
+                                                 audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize,
+                                                 test_scale=args.test_scale)
     train_set, val_set, test_set = mk('train', True), mk('val', False), mk('test', False)
     if args.limit:
         for ds in (train_set, val_set, test_set):
@@ -245,7 +281,8 @@ def main(argv=None):
     per_rank = args.batch_size // world
     if per_rank < 2 or per_rank * world != args.batch_size:
         raise ValueError(f'--batch-size {args.batch_size} must split into >= 2 per process over {world} processes')
-    sampler = EpochSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = EpochSampler(train_set, weights=balance_weights(train_set, args.balance), num_replicas=world, rank=rank,
+                           shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                                          pin_memory=cuda, drop_last=True, persistent_workers=args.workers > 0,
                                          prefetch_factor=4 if args.workers > 0 else None)
