@@ -13,6 +13,7 @@ import csv
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -140,7 +141,7 @@ def vggish_audio(wave):
 # -----------------------------------------------------------------------------------------------
 # the built-in offline source: COCO 2017 layout + VGGSound-like audio bank, generated from a seed
 
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2   # 2: one seed per image and per clip (parallel generation)
 BUILTIN_SIZE = dict(n_train=1200, n_val=200, clips_per_class=16)  # COCO train2017 / val2017 images
 
 # Appearance of each visual label: (shape, texture, hue in degrees). Every (shape, texture) pair is
@@ -316,47 +317,73 @@ def _make_clip(k, variant, rng, sr, seconds):
     return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
 
 
-def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True):
+def _write_image(job):
+    """Worker of make_builtin: draw image `image_id` from its own seed, write the JPEG, return its records."""
+    seed, image_id, folder, cat_ids, image_size = job
+    pixels, anns, captions = _make_image(image_id, np.random.default_rng([seed, 0, image_id]), cat_ids, image_size)
+    name = f'{image_id:012d}.jpg'
+    Image.fromarray(pixels).save(os.path.join(folder, name), quality=92)
+    return {'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]}, anns, captions
+
+
+def _write_clip(job):
+    """Worker of make_builtin: synthesise clip j of class index k from its own seed and write it."""
+    seed, k, j, audio = job
+    rng = np.random.default_rng([seed, 1, k, j])
+    labels = vpo.TABLE7[vpo.VPO_CLASSES[k]]
+    label = labels[j % len(labels)]
+    sr = int(rng.choice([16000, 22050, 44100]))
+    seconds = rng.uniform(0.6, 1.0) if rng.random() < 0.15 else rng.uniform(2.0, 10.0)
+    x = _make_clip(k, j % len(labels), rng, sr, seconds)
+    if rng.random() < 0.3:  # a stereo file: the same sound, slightly different per channel
+        x = np.stack([x, x * rng.uniform(0.7, 1.0)], 1)
+    ext = str(rng.choice(['wav', 'wav', 'flac', 'ogg']))
+    folder = os.path.join(audio, vpo.folder_name(label))
+    os.makedirs(folder, exist_ok=True)
+    sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
+
+
+def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True, workers=None):
     """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
     captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
-    16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long)."""
-    rng = np.random.default_rng(seed)
+    16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long). Every image and clip draws
+    from its own seed (seed, image id) / (seed, class, clip), so the files are the same whatever the number
+    of worker processes (default: one per CPU core)."""
     coco, audio = os.path.join(root, 'coco'), os.path.join(root, 'audio')
     cat_ids = {**{c: vpo.COCO_IDS[c] for c in LOOKS}, **DISTRACTORS}   # male/female/baby -> 1 'person'
     categories = sorted({(i, 'person' if c in PERSON_WORDS else c) for c, i in cat_ids.items()})
     os.makedirs(os.path.join(coco, 'annotations'), exist_ok=True)
-    ann_id, image_id = 1, 1
-    for split, n in (('train2017', n_train), ('val2017', n_val)):
-        os.makedirs(os.path.join(coco, split), exist_ok=True)
-        images, anns, caps = [], [], []
-        for _ in range(n):
-            pixels, a, c = _make_image(image_id, rng, cat_ids, image_size)
-            name = f'{image_id:012d}.jpg'
-            Image.fromarray(pixels).save(os.path.join(coco, split, name), quality=92)
-            images.append({'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]})
-            for x in a:
-                x['id'] = ann_id
-                ann_id += 1
-            anns += a
-            caps += [{'id': len(caps) + 1 + j, 'image_id': image_id, 'caption': s} for j, s in enumerate(c)]
-            image_id += 1
-        cats = [{'id': i, 'name': c, 'supercategory': 'builtin'} for i, c in categories]
-        for kind, body in (('instances', {'annotations': anns, 'categories': cats}), ('captions', {'annotations': caps})):
-            with open(os.path.join(coco, 'annotations', f'{kind}_{split}.json'), 'w') as f:
-                json.dump({'info': {'description': 'cavp built-in source', 'seed': seed}, 'images': images, **body}, f)
-    for k, cls in enumerate(vpo.VPO_CLASSES[1:], start=1):
-        labels = vpo.TABLE7[cls]
-        for j in range(max(clips_per_class, 2 * len(labels))):
-            label = labels[j % len(labels)]
-            sr = int(rng.choice([16000, 22050, 44100]))
-            seconds = rng.uniform(0.6, 1.0) if rng.random() < 0.15 else rng.uniform(2.0, 10.0)
-            x = _make_clip(k, j % len(labels), rng, sr, seconds)
-            if rng.random() < 0.3:  # a stereo file: the same sound, slightly different per channel
-                x = np.stack([x, x * rng.uniform(0.7, 1.0)], 1)
-            ext = str(rng.choice(['wav', 'wav', 'flac', 'ogg']))
-            folder = os.path.join(audio, vpo.folder_name(label))
-            os.makedirs(folder, exist_ok=True)
-            sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
+    splits = (('train2017', range(1, n_train + 1)), ('val2017', range(n_train + 1, n_train + n_val + 1)))
+    clips = [(seed, k, j, audio) for k in range(1, len(vpo.VPO_CLASSES))
+             for j in range(max(clips_per_class, 2 * len(vpo.TABLE7[vpo.VPO_CLASSES[k]])))]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    # fork (as DataLoader workers do on Linux): the workers only run numpy / PIL / soundfile, and a spawned
+    # child would re-import the caller's __main__, which fails for stdin scripts and notebooks
+    ctx = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
+    pool = ctx.Pool(workers) if workers > 1 else None
+    imap = functools.partial(pool.imap, chunksize=8) if pool else map
+    try:
+        ann_id = 1
+        for split, ids in splits:
+            os.makedirs(os.path.join(coco, split), exist_ok=True)
+            images, anns, caps = [], [], []
+            for image, a, c in imap(_write_image, [(seed, i, os.path.join(coco, split), cat_ids, image_size) for i in ids]):
+                images.append(image)
+                for x in a:
+                    x['id'] = ann_id
+                    ann_id += 1
+                anns += a
+                caps += [{'id': len(caps) + 1 + j, 'image_id': image['id'], 'caption': s} for j, s in enumerate(c)]
+            cats = [{'id': i, 'name': c, 'supercategory': 'builtin'} for i, c in categories]
+            for kind, body in (('instances', {'annotations': anns, 'categories': cats}), ('captions', {'annotations': caps})):
+                with open(os.path.join(coco, 'annotations', f'{kind}_{split}.json'), 'w') as f:
+                    json.dump({'info': {'description': 'cavp built-in source', 'seed': seed}, 'images': images, **body}, f)
+        for _ in imap(_write_clip, clips):
+            pass
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     return coco, audio
 
 

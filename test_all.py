@@ -964,6 +964,23 @@ def test_builtin_is_deterministic_and_reused(builtin, tmp_path):
     assert os.path.getmtime(os.path.join(out, 'meta.json')) == stamp   # reused, not rebuilt
 
 
+def test_builtin_files_do_not_depend_on_worker_count(tmp_path):
+    """Each image and clip has its own seed: one process and two write the same content (an ogg file's bytes
+    differ between any two writes, its stream serial number is random; its samples do not)."""
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    data.make_builtin(one, n_train=6, n_val=2, clips_per_class=2, workers=1, progress=False)
+    data.make_builtin(two, n_train=6, n_val=2, clips_per_class=2, workers=2, progress=False)
+    files = sorted(os.path.relpath(os.path.join(d, f), one) for d, _, fs in os.walk(one) for f in fs)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), two) for d, _, fs in os.walk(two) for f in fs)
+    assert sum(f.endswith('.ogg') for f in files) and sum(f.endswith('.jpg') for f in files) == 8
+    for f in files:
+        a, b = os.path.join(one, f), os.path.join(two, f)
+        if f.endswith('.ogg'):
+            assert np.array_equal(sf.read(a)[0], sf.read(b)[0]), f
+        else:
+            assert open(a, 'rb').read() == open(b, 'rb').read(), f
+
+
 def test_builtin_formats(builtin):
     root = os.path.dirname(builtin)
     coco = json.load(open(os.path.join(root, 'coco', 'annotations', 'instances_train2017.json')))
