@@ -108,6 +108,7 @@ def get_args(argv=None):
     if args.data in data.AVSBENCH:   # AVSBench: mono 1 s VGGish examples (App. B.1, following [63])
         args.audio_backbone = args.audio_backbone or 'vggish'
         args.mono, args.audio_seconds = True, 0.975
+        args.test_scale = args.test_scale or 1.0   # frames are evaluated at --resize or original size
     args.audio_backbone = args.audio_backbone or 'resnet18'
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
