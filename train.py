@@ -1,6 +1,6 @@
 """Train CAVP (Sec. 4) on VPO (Sec. 3): cross-entropy + the CAVP contrastive term (Eq. 5).
 
-    python train.py --data vpo_ss                          # built-in source, CPU preset, ~9 min on 2 cores
+    python train.py --data vpo_ss                          # built-in source, CPU preset, ~8 min on 2 cores
     torchrun --nproc_per_node 8 train.py --data vpo_msmi --root /data/vpo --weights imagenet
     python train.py --data vpo_ss --resume runs/vpo_ss/last.pt
     python train.py --data vpo_ss --benchmark 20           # images/s and a per-phase time split
