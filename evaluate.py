@@ -443,7 +443,7 @@ def main():
     amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[a.amp]
     m = evaluate(model, ds, a.device, amp_dtype=amp, probes=not a.no_probes, vis=a.vis,
                  vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples)
-    m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'])
+    m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'], test_scale=getattr(ds, 'test_scale', 1.0))
     table = format_table(m, ds.classes)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(m, f, indent=1)
