@@ -4,8 +4,9 @@ turn the paper's qualitative figures into numbers, and pictures (Sec. 5.1, Table
 
     python evaluate.py --data vpo_ss --ckpt runs/<name>/best.pt [--root DIR] [--vis 8] [--mono]
 
-Everything streams over the test split one image at a time (batch 1, original resolution, App. B.1):
-only a confusion matrix and running sums are kept, so memory does not grow with the dataset.
+Everything streams over the test split one image at a time (batch 1, App. B.1; the image at the dataset's
+test_scale, 1 = original resolution, the labels and so the metrics always at original resolution): only a
+confusion matrix and running sums are kept, so memory does not grow with the dataset.
 train.py validates with confusion_matrix / semantic_scores, tests with evaluate() and prints format_table().
 """
 import argparse
@@ -163,7 +164,7 @@ def mirror_pair(objects):
 # evaluation loop
 
 
-def _runner(model, x, amp, size=None):
+def runner(model, x, amp, size=None):
     """run(audios) -> (logits float32 (k, C, *size), attn (k, heads, h, w)) for image x (1, 3, H, W) and a
     (k, A, T, F) stack of k audio inputs, all in one batch; size: the label's (H, W), default x's (they
     differ when the dataset rescales test images: logits are upsampled to the label, where metrics live).
@@ -192,7 +193,7 @@ def _runner(model, x, amp, size=None):
 
 @torch.inference_mode()
 def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_dir=None, max_samples=None, progress=True):
-    """Stream over `dataset` (batch 1, original resolution) and return a metrics dict (fractions in [0, 1]):
+    """Stream over `dataset` (batch 1, metrics at label resolution) and return a metrics dict (fractions in [0, 1]):
       miou, fbeta, fdr, per_class            semantic_scores of the summed confusion matrix (Sec. 5.1)
       J, F                                   means over images of mask_iou / f_score of binary foreground:
                                              predicted fg = argmax != 0, fg = label in 1..C-1, label 255
@@ -231,7 +232,7 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
         x, label = s['image'][None].to(device), s['label'][None].to(device)   # (1, 3, H, W), (1, H, W)
         if stereo is None:  # decided on the first sample: the probe needs two channels (Sec. 3) and MSMI
             stereo = has_load and s['audio'].shape[0] == 2 and getattr(dataset, 'subset', None) == 'vpo_msmi'
-        run = _runner(model, x, amp, label.shape[-2:])
+        run = runner(model, x, amp, label.shape[-2:])
         # The probes' audio inputs (each a re-mix of this image's clips) go through the model in one batch
         # with the original: the image branch runs once, the audio branch and f_CA once per batch.
         objects = dataset.rows[i]['objects'] if has_load else []

@@ -216,7 +216,7 @@ def validate(model, dataset, device, amp_dtype, rank, world):
     for i in range(rank, len(dataset), world):
         s = dataset[i]
         label = s['label'][None].to(device)
-        logits, _ = evaluate._runner(model, s['image'][None].to(device), amp, label.shape[-2:])(s['audio'][None].to(device))
+        logits, _ = evaluate.runner(model, s['image'][None].to(device), amp, label.shape[-2:])(s['audio'][None].to(device))
         conf += evaluate.confusion_matrix(logits.argmax(1), label, dataset.num_classes)
     if world > 1:
         dist.all_reduce(conf)
