@@ -1563,7 +1563,28 @@ def test_every_contrast_and_attention_runs(tiny_root, tmp_path):
         assert 0 <= m['miou'] <= 1
 
 
-def test_benchmark_prints_phases(tiny_root, tmp_path, capsys):
+def test_step_bank_clips_cycled_to_a_fixed_shape_give_the_same_pairing():
+    """train.py cycles the memory-bank clips up to a power of two on CUDA (cudnn.benchmark); Step keeps the
+    first len(rows) audio outputs, so in eval mode the permuted fusion is unchanged by the padding."""
+    torch.manual_seed(0)
+    m = model.CAVP(backbone='resnet18', output_stride=16, dim=64, heads=4).eval()
+    step = train.Step(m)
+    x, a, a_bank = torch.randn(5, 3, 64, 64), torch.randn(5, 2, 50, 64), torch.randn(3, 2, 50, 64)
+    perm, rows = torch.tensor([1, 2, 3, 4, 0]), [0, 2, 4]
+    with torch.no_grad():
+        _, z, z_perm = step(x, a, perm, rows, a_bank)
+        _, _, z_cyc = step(x, a, perm, rows, a_bank[torch.arange(4) % 3])
+        _, _, z_no_bank = step(x, a, perm)
+        z_ref, _ = m.fuse(m.forward_image(x)['u_v'], torch.cat([m.forward_audio(a_bank[:1]), m.forward_audio(a[2:3]),
+                                                              m.forward_audio(a_bank[1:2]), m.forward_audio(a[4:5]),
+                                                              m.forward_audio(a_bank[2:3])]))
+    torch.testing.assert_close(z_cyc, z_perm)
+    torch.testing.assert_close(z_perm, z_ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(z_perm, z_no_bank)
+
+
+def test_benchmark_prints_phases(tiny_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, 'BENCH_WARMUP', 3)
     assert run(tiny_root, tmp_path, '--epochs', '3', '--benchmark', '2') is None   # 3 warm-up + 2 timed steps, across epochs
     out = capsys.readouterr().out
     assert 'images/s' in out and 'cavp_fuse' in out and 'backward' in out
