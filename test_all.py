@@ -1563,6 +1563,16 @@ def test_every_contrast_and_attention_runs(tiny_root, tmp_path):
         assert 0 <= m['miou'] <= 1
 
 
+def test_poly_lr_with_and_without_warmup():
+    a = types.SimpleNamespace(lr=1.0, poly_power=0.9, warmup_steps=0)
+    lrs = [train.poly_lr(a, s, 100) for s in range(100)]
+    assert lrs[0] == 1.0 and all(x > y > 0 for x, y in zip(lrs, lrs[1:]))          # App. B.1: poly decay only
+    a.warmup_steps = 10
+    warm = [train.poly_lr(a, s, 100) for s in range(100)]
+    assert warm[0] == pytest.approx(0.1) and all(x < y for x, y in zip(warm[:10], warm[1:10]))
+    assert warm[9] == pytest.approx(lrs[9]) and warm[10:] == lrs[10:]               # then the same schedule
+
+
 def test_step_bank_clips_cycled_to_a_fixed_shape_give_the_same_pairing():
     """train.py cycles the memory-bank clips up to a power of two on CUDA (cudnn.benchmark); Step keeps the
     first len(rows) audio outputs, so in eval mode the permuted fusion is unchanged by the padding."""
