@@ -45,13 +45,14 @@ def read_clip(path, seconds, rng=None):
     code's centre crop); clips shorter than the window are tiled. Stereo files are averaged to mono:
     VPO re-pans every source by its object's position (vpo.pan), so a file's own stereo is not kept."""
     try:
-        info = sf.info(path)
-        n, sr = info.frames, info.samplerate
-        need = int(math.ceil(seconds * sr))
-        start = 0
-        if n > need:
-            start = int(rng.integers(0, n - need + 1)) if rng is not None else (n - need) // 2
-        x, _ = sf.read(path, start=start, frames=min(need, n) if n > 0 else -1, dtype='float32', always_2d=True)
+        with sf.SoundFile(path) as f:   # opened once: header, seek and read
+            n, sr = f.frames, f.samplerate
+            need = int(math.ceil(seconds * sr))
+            start = 0
+            if n > need:
+                start = int(rng.integers(0, n - need + 1)) if rng is not None else (n - need) // 2
+                f.seek(start)
+            x = f.read(min(need, n) if n > 0 else -1, dtype='float32', always_2d=True)
     except Exception as e:  # soundfile raises several types; the file name is what a user needs
         raise RuntimeError(f'cannot read audio clip {path}: {e}') from e
     x = x.mean(1)

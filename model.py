@@ -21,7 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-IMAGE_BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
+# resnet10 = ResNet-18 with one BasicBlock per stage (He et al.'s [1, 1, 1, 1]), about half its convolutions:
+# the CPU preset's trunk. torchvision ships no weights for it (random init or a local state-dict file only).
+IMAGE_BACKBONES = ('resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
+AUDIO_BACKBONES = ('resnet10', 'resnet18', 'vggish')
 ATTN = ('sigmoid', 'softmax', 'minmax', 'channel', 'tpavi')  # Fig. 6 and Table 5 row 1
 # DeepLabV3+ widths as shares of the fused width D, in the official proportions: D = 304 = 256 (ASPP) + 48
 # (layer1 reduced), head convs 256 wide. A smaller D (the CPU preset's 76 = 64 + 12) scales all three.
@@ -50,6 +53,9 @@ def load_weights(net, weights, *, arch, arg):
         return
     path = weights
     if weights == 'imagenet':
+        if arch == 'resnet10':
+            raise ValueError(f"{arg}='imagenet': torchvision has no ImageNet weights for resnet10; "
+                             f"use 'none' or the path of a resnet10 state-dict file")
         path, url = imagenet_file(arch)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{arg}='imagenet' needs torchvision's {arch} ImageNet file "
@@ -82,7 +88,10 @@ def load_weights(net, weights, *, arch, arg):
 
 def resnet_trunk(arch, *, in_planes=3, output_stride=32):
     """A torchvision ResNet without avgpool/fc, with `in_planes` input planes, dilated to `output_stride` 8/16/32."""
-    net = getattr(torchvision.models, arch)(weights=None)
+    if arch == 'resnet10':
+        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        net = getattr(torchvision.models, arch)(weights=None)
     del net.avgpool, net.fc  # unused: we read layer1/layer4 and pool the audio ourselves (no dead parameters)
     if in_planes != 3:
         net.conv1 = nn.Conv2d(in_planes, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -119,13 +128,13 @@ def stem(net, x):
 
 
 class AudioResNet(nn.Module):
-    """Audio branch f_gamma (App. B.1): ResNet-18 over the log-mel, A = 1 (mono) or 2 (stereo) planes -> (B, 512)."""
+    """Audio branch f_gamma (App. B.1): ResNet-18 (or -10) over the log-mel, A = 1 (mono) or 2 (stereo) planes -> (B, 512)."""
     out_dim = 512
 
-    def __init__(self, *, channels, weights):
+    def __init__(self, *, channels, weights, arch='resnet18'):
         super().__init__()
-        self.net = resnet_trunk('resnet18', in_planes=channels)
-        load_weights(self.net, weights, arch='resnet18', arg='audio_weights')
+        self.net = resnet_trunk(arch, in_planes=channels)
+        load_weights(self.net, weights, arch=arch, arg='audio_weights')
 
     def forward(self, a):
         n = self.net
@@ -304,7 +313,7 @@ class CAVP(nn.Module):
     backbone: torchvision ResNet of the image branch, dilated to output_stride 8 (paper, official) or 16.
         Deviation: the official ResNet-50 has a deep (three 3x3 conv) stem; we keep torchvision's 7x7 stem so that
         torchvision's ImageNet weights load.
-    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1) | 'vggish' (AVSBench; freeze_audio as AVSBench).
+    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1) | 'resnet10' (CPU preset) | 'vggish' (AVSBench; freeze_audio as AVSBench).
     attn: f_CA activation, one of ATTN.   heads, dim: f_CA heads and width; dim = ASPP width + 48.
     weights, audio_weights: None (random init) | 'imagenet' (local torch hub cache only) | path of a state dict.
     """
@@ -340,10 +349,10 @@ class CAVP(nn.Module):
             if audio_channels != 1:
                 raise ValueError('audio_backbone=vggish takes mono audio: audio_channels must be 1')
             self.audio = VGGish(weights=audio_weights, freeze=freeze_audio)
-        elif audio_backbone == 'resnet18':
-            self.audio = AudioResNet(channels=audio_channels, weights=audio_weights)
-        else:  # a VGGish branch (B, 1, 96, 64) patches -> (B, 128) would be the next `if`, with its own out_dim
-            raise ValueError(f"audio_backbone={audio_backbone!r}: expected 'resnet18' or 'vggish'")
+        elif audio_backbone in ('resnet18', 'resnet10'):
+            self.audio = AudioResNet(channels=audio_channels, weights=audio_weights, arch=audio_backbone)
+        else:
+            raise ValueError(f"audio_backbone={audio_backbone!r}: expected one of {AUDIO_BACKBONES}")
         self.audio_proj = nn.Linear(self.audio.out_dim, dim)
         self.fusion = CrossAttention(dim=dim, heads=heads, attn=attn)
         # DeepLabV3+ head: two 3x3 fusing convs + a 1x1 classifier over C classes (background included).

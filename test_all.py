@@ -401,7 +401,7 @@ def test_resnet50_mono_shapes():
     assert out['logits'].shape == (1, 5, 48, 48) and out['z'].shape == (1, 304, 12, 12)
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('arch', ['resnet10', 'resnet18', 'resnet50'])
 @pytest.mark.parametrize('os_', [8, 16])
 def test_dilation_is_a_trous(arch, os_):
     """Dilated trunk sampled every 32/os pixels == the plain stride-32 trunk with the same weights."""
@@ -602,6 +602,25 @@ def test_imagenet_only_from_local_cache(tmp_path, monkeypatch):
     m = tiny(weights='imagenet', audio_weights='imagenet', audio_channels=1)
     torch.testing.assert_close(m.backbone.conv1.weight, tv.conv1.weight)
     torch.testing.assert_close(m.audio.net.conv1.weight, tv.conv1.weight.sum(1, keepdim=True))
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage(tmp_path):
+    r10, r18 = model.resnet_trunk('resnet10'), model.resnet_trunk('resnet18')
+    assert [len(getattr(r10, f'layer{i}')) for i in range(1, 5)] == [1, 1, 1, 1]
+    # its keys are exactly ResNet-18's first block of each stage (a resnet18 file does not load: extra keys)
+    first = {k for k in r18.state_dict() if not any(f'layer{i}.1.' in k for i in range(1, 5))}
+    assert set(r10.state_dict()) == first
+    m = tiny(backbone='resnet10', audio_backbone='resnet10', output_stride=16, dim=64).eval()
+    x, a = inputs()
+    with torch.no_grad():
+        out = m(x, a)
+    assert out['logits'].shape == (2, 22, 32, 32) and out['z'].shape == (2, 64, 8, 8)
+    assert len(m.audio.net.layer4) == 1
+    with pytest.raises(ValueError, match="weights='imagenet': torchvision has no ImageNet weights for resnet10"):
+        tiny(backbone='resnet10', weights='imagenet')
+    torch.save(r10.state_dict(), tmp_path / 'r10.pth')   # a local resnet10 file loads strictly
+    m = tiny(backbone='resnet10', weights=str(tmp_path / 'r10.pth'))
+    torch.testing.assert_close(m.backbone.conv1.weight, r10.conv1.weight)
 
 
 def test_bad_arguments_name_themselves():

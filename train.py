@@ -31,20 +31,21 @@ from model import CAVP
 BENCH_WARMUP = 10
 
 # The paper's setting (App. B.1, NOTES-official-code.md) and the CPU preset used without a GPU: the same
-# recipe scaled down for 2 CPU cores. Random init, ResNet-18 at OS 16, D = 76, AdamW at a higher lr, and
-# everything at about half resolution: training crops of 80 px at scale 0.35-0.7 (so a crop holds most of a
-# 128-224 px built-in image) and val/test images resized by 0.5 (metrics at full resolution), 0.5 s audio
-# windows, 4 epochs, and a 100-step linear lr warm-up to 8e-3 (not in the paper: from random init the model
-# otherwise sat 1-2 of its 4 epochs predicting all background). Half resolution learns more per second than
-# crop 112 at scale 0.5-1.0 did (README, "what was tried"). It fits in 10 minutes there and is not converged:
-# 8 epochs reach test mIoU 0.59 (README).
+# recipe scaled down for 2 CPU cores. Random init, ResNet-10 (ResNet-18 with one block per stage) for both the
+# image branch at OS 16 and the audio branch, D = 76, AdamW at a higher lr, and everything at about half
+# resolution: training crops of 64 px at scale 0.35-0.7 (a crop holds much of a 128-224 px built-in image)
+# and val/test images resized by 0.5 (metrics at full resolution), 0.5 s audio windows, 6 epochs validated
+# after epochs 3 and 6, and a 100-step linear lr warm-up to 8e-3 (not in the paper: from random init the model
+# otherwise sat 1-2 epochs predicting all background). A ResNet-10 step at crop 64 is ~1.8x cheaper than a
+# ResNet-18 one at crop 80, and 6-7 such epochs learn more than 4 of those (README, "what was tried"). It fits in
+# 10 minutes and is not converged (7 epochs did not fit: 10 min 30 s).
 PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
                   head_lr_mult=10.0, audio_seconds=3.0, balance=0.0, test_scale=1.0, max_anchors=512, eval_every=1, workers=8,
-                  optimizer='sgd', dim=304, warmup_steps=0),
-    'cpu': dict(backbone='resnet18', output_stride=16, crop=80, scale=(0.35, 0.7), batch_size=16, epochs=4,
+                  optimizer='sgd', dim=304, warmup_steps=0, audio_backbone='resnet18'),
+    'cpu': dict(backbone='resnet10', audio_backbone='resnet10', output_stride=16, crop=64, scale=(0.35, 0.7), batch_size=16, epochs=6,
                 optimizer='adamw', lr=8e-3, weight_decay=1e-4, head_lr_mult=1.0, audio_seconds=0.5, max_anchors=256,
-                eval_every=2, workers=1, dim=76, balance=0.0, test_scale=0.5, warmup_steps=100),
+                eval_every=3, workers=1, dim=76, balance=0.0, test_scale=0.5, warmup_steps=100),
 }
 
 
@@ -65,13 +66,13 @@ def get_args(argv=None):
     p.add_argument('--balance', type=float, default=None, metavar='POWER',
                    help='class-balanced sampling: draw a sample with weight n_c^-POWER of its rarest sounding class (paper 0 = uniform)')
     # model
-    p.add_argument('--backbone', default=None, choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'], help='image backbone (paper resnet50)')
+    p.add_argument('--backbone', default=None, choices=['resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101'], help='image backbone (paper resnet50; resnet10 = ResNet-18 with one block per stage)')
     p.add_argument('--output-stride', type=int, default=None, choices=[8, 16], help='backbone output stride (paper 8)')
     p.add_argument('--dim', type=int, default=None, help='fused feature width D (official 304 = 256 ASPP + 48 low-level)')
     p.add_argument('--attn', default='sigmoid', choices=['sigmoid', 'softmax', 'minmax', 'channel', 'tpavi'], help='f_CA activation / variant (Sec. 4.1, Fig. 6, Table 5)')
     p.add_argument('--heads', type=int, default=4, help='attention heads of f_CA')
     p.add_argument('--weights', default='auto', help="image backbone init: 'imagenet' (local torch hub cache), a checkpoint path, 'none'; auto = imagenet on real data, none on the built-in source")
-    p.add_argument('--audio-backbone', default=None, choices=['resnet18', 'vggish'], help='audio branch: resnet18 (VPO) or vggish (AVSBench); default by --data')
+    p.add_argument('--audio-backbone', default=None, choices=['resnet10', 'resnet18', 'vggish'], help='audio branch: resnet18 (VPO), vggish (AVSBench), resnet10 (lighter); default by --data')
     p.add_argument('--audio-weights', default=None, help='audio backbone checkpoint path (default random init; torchvggish file for vggish)')
     p.add_argument('--freeze-audio', action='store_true', help='do not train the audio backbone (AVSBench freezes VGGish)')
     # loss (Sec. 4.2)
@@ -115,7 +116,6 @@ def get_args(argv=None):
         args.audio_backbone = args.audio_backbone or 'vggish'
         args.mono, args.audio_seconds = True, 0.975
         args.test_scale = args.test_scale or 1.0   # frames are evaluated at --resize or original size
-    args.audio_backbone = args.audio_backbone or 'resnet18'
     for k, v in PRESETS[preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -281,7 +281,8 @@ def main(argv=None):
         if not master:
             source = data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
-        args.weights = 'none' if source == 'builtin' else 'imagenet'
+        # (torchvision has no ImageNet resnet10, the CPU preset's trunk: random init there too, printed in the args line)
+        args.weights = 'none' if source == 'builtin' or args.backbone == 'resnet10' else 'imagenet'
     mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop, scale=args.scale,
                                                  audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize,
                                                  test_scale=args.test_scale)
