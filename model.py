@@ -349,7 +349,7 @@ class CAVP(nn.Module):
             if audio_channels != 1:
                 raise ValueError('audio_backbone=vggish takes mono audio: audio_channels must be 1')
             self.audio = VGGish(weights=audio_weights, freeze=freeze_audio)
-        elif audio_backbone in ('resnet18', 'resnet10'):
+        elif audio_backbone in AUDIO_BACKBONES:   # resnet18 / resnet10
             self.audio = AudioResNet(channels=audio_channels, weights=audio_weights, arch=audio_backbone)
         else:
             raise ValueError(f"audio_backbone={audio_backbone!r}: expected one of {AUDIO_BACKBONES}")

@@ -25,7 +25,7 @@ import data
 import evaluate
 import loss as L
 import vpo
-from model import CAVP
+from model import AUDIO_BACKBONES, CAVP, IMAGE_BACKBONES
 
 # --benchmark: untimed steps first, so that the memory bank fills and cudnn has tuned the shapes it sees
 BENCH_WARMUP = 10
@@ -34,18 +34,18 @@ BENCH_WARMUP = 10
 # recipe scaled down for 2 CPU cores. Random init, ResNet-10 (ResNet-18 with one block per stage) for both the
 # image branch at OS 16 and the audio branch, D = 76, AdamW at a higher lr, and everything at about half
 # resolution: training crops of 64 px at scale 0.35-0.7 (a crop holds much of a 128-224 px built-in image)
-# and val/test images resized by 0.5 (metrics at full resolution), 0.5 s audio windows, 6 epochs validated
-# after epochs 3 and 6, and a 100-step linear lr warm-up to 8e-3 (not in the paper: from random init the model
+# and val/test images resized by 0.5 (metrics at full resolution), 0.4 s audio windows, 7 epochs validated
+# after epochs 4 and 7, and a 100-step linear lr warm-up to 8e-3 (not in the paper: from random init the model
 # otherwise sat 1-2 epochs predicting all background). A ResNet-10 step at crop 64 is ~1.8x cheaper than a
-# ResNet-18 one at crop 80, and 6-7 such epochs learn more than 4 of those (README, "what was tried"). It fits in
-# 10 minutes and is not converged (7 epochs did not fit: 10 min 30 s).
+# ResNet-18 one at crop 80, and 7 such epochs learn more than 4 of those (README, "what was tried"). It fits in
+# 10 minutes (9 min 46 s: 0.4 s audio buys the 7th epoch; with 0.5 s it took 10 min 30 s) and is not converged.
 PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
                   head_lr_mult=10.0, audio_seconds=3.0, balance=0.0, test_scale=1.0, max_anchors=512, eval_every=1, workers=8,
                   optimizer='sgd', dim=304, warmup_steps=0, audio_backbone='resnet18'),
-    'cpu': dict(backbone='resnet10', audio_backbone='resnet10', output_stride=16, crop=64, scale=(0.35, 0.7), batch_size=16, epochs=6,
-                optimizer='adamw', lr=8e-3, weight_decay=1e-4, head_lr_mult=1.0, audio_seconds=0.5, max_anchors=256,
-                eval_every=3, workers=1, dim=76, balance=0.0, test_scale=0.5, warmup_steps=100),
+    'cpu': dict(backbone='resnet10', audio_backbone='resnet10', output_stride=16, crop=64, scale=(0.35, 0.7), batch_size=16, epochs=7,
+                optimizer='adamw', lr=8e-3, weight_decay=1e-4, head_lr_mult=1.0, audio_seconds=0.4, max_anchors=256,
+                eval_every=4, workers=1, dim=76, balance=0.0, test_scale=0.5, warmup_steps=100),
 }
 
 
@@ -60,19 +60,19 @@ def get_args(argv=None):
     p.add_argument('--crop', type=int, default=None, help='train crop size (paper 512)')
     p.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'), help='random scale range of training images (paper 0.5 2.0)')
     p.add_argument('--test-scale', type=float, default=None, help='VPO: val/test images resized by this factor, metrics at original resolution (paper 1)')
-    p.add_argument('--audio-seconds', type=float, default=None, help='audio window in seconds (App. B.1: VPO 3, AVSBench 1; CPU preset 0.5)')
+    p.add_argument('--audio-seconds', type=float, default=None, help='audio window in seconds (App. B.1: VPO 3, AVSBench 1; CPU preset 0.4)')
     p.add_argument('--mono', action='store_true', help='mono audio, one log-mel plane (Fig. 7 / Table 8 ablation)')
     p.add_argument('--workers', type=int, default=None, help='data loader processes per GPU/process')
     p.add_argument('--balance', type=float, default=None, metavar='POWER',
                    help='class-balanced sampling: draw a sample with weight n_c^-POWER of its rarest sounding class (paper 0 = uniform)')
     # model
-    p.add_argument('--backbone', default=None, choices=['resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101'], help='image backbone (paper resnet50; resnet10 = ResNet-18 with one block per stage)')
+    p.add_argument('--backbone', default=None, choices=IMAGE_BACKBONES, help='image backbone (paper resnet50; resnet10 = ResNet-18 with one block per stage)')
     p.add_argument('--output-stride', type=int, default=None, choices=[8, 16], help='backbone output stride (paper 8)')
     p.add_argument('--dim', type=int, default=None, help='fused feature width D (official 304 = 256 ASPP + 48 low-level)')
     p.add_argument('--attn', default='sigmoid', choices=['sigmoid', 'softmax', 'minmax', 'channel', 'tpavi'], help='f_CA activation / variant (Sec. 4.1, Fig. 6, Table 5)')
     p.add_argument('--heads', type=int, default=4, help='attention heads of f_CA')
     p.add_argument('--weights', default='auto', help="image backbone init: 'imagenet' (local torch hub cache), a checkpoint path, 'none'; auto = imagenet on real data, none on the built-in source")
-    p.add_argument('--audio-backbone', default=None, choices=['resnet10', 'resnet18', 'vggish'], help='audio branch: resnet18 (VPO), vggish (AVSBench), resnet10 (lighter); default by --data')
+    p.add_argument('--audio-backbone', default=None, choices=AUDIO_BACKBONES, help='audio branch: resnet18 (VPO), vggish (AVSBench), resnet10 (lighter); default by --data')
     p.add_argument('--audio-weights', default=None, help='audio backbone checkpoint path (default random init; torchvggish file for vggish)')
     p.add_argument('--freeze-audio', action='store_true', help='do not train the audio backbone (AVSBench freezes VGGish)')
     # loss (Sec. 4.2)
