@@ -21,9 +21,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-# resnet10 = ResNet-18 with one BasicBlock per stage (He et al.'s [1, 1, 1, 1]), about half its convolutions:
-# the CPU preset's trunk. torchvision ships no weights for it (random init or a local state-dict file only).
+# resnet10 = ResNet-18 with one BasicBlock per stage ([1, 1, 1, 1]), about half its convolutions: the CPU
+# preset's trunk. torchvision ships no weights for it (random init or a local state-dict file only).
 IMAGE_BACKBONES = ('resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101')
+NO_IMAGENET = ('resnet10',)   # archs without a torchvision ImageNet file
 AUDIO_BACKBONES = ('resnet10', 'resnet18', 'vggish')
 ATTN = ('sigmoid', 'softmax', 'minmax', 'channel', 'tpavi')  # Fig. 6 and Table 5 row 1
 # DeepLabV3+ widths as shares of the fused width D, in the official proportions: D = 304 = 256 (ASPP) + 48
@@ -53,9 +54,9 @@ def load_weights(net, weights, *, arch, arg):
         return
     path = weights
     if weights == 'imagenet':
-        if arch == 'resnet10':
-            raise ValueError(f"{arg}='imagenet': torchvision has no ImageNet weights for resnet10; "
-                             f"use 'none' or the path of a resnet10 state-dict file")
+        if arch in NO_IMAGENET:
+            raise ValueError(f"{arg}='imagenet': torchvision has no ImageNet weights for {arch}; "
+                             f"use 'none' or the path of a {arch} state-dict file")
         path, url = imagenet_file(arch)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{arg}='imagenet' needs torchvision's {arch} ImageNet file "

@@ -25,7 +25,7 @@ import data
 import evaluate
 import loss as L
 import vpo
-from model import AUDIO_BACKBONES, CAVP, IMAGE_BACKBONES
+from model import AUDIO_BACKBONES, CAVP, IMAGE_BACKBONES, NO_IMAGENET
 
 # --benchmark: untimed steps first, so that the memory bank fills and cudnn has tuned the shapes it sees
 BENCH_WARMUP = 10
@@ -282,7 +282,7 @@ def main(argv=None):
             source = data.resolve_root(args.data, args.root, seed=args.seed, progress=False)[1]
     if args.weights == 'auto':   # ImageNet features do not transfer to the generated shapes; say so, do not pretend
         # (torchvision has no ImageNet resnet10, the CPU preset's trunk: random init there too, printed in the args line)
-        args.weights = 'none' if source == 'builtin' or args.backbone == 'resnet10' else 'imagenet'
+        args.weights = 'none' if source == 'builtin' or args.backbone in NO_IMAGENET else 'imagenet'
     mk = lambda split, train: data.build_dataset(args.data, args.root, split, train=train, crop=args.crop, scale=args.scale,
                                                  audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed, resize=args.resize,
                                                  test_scale=args.test_scale)
