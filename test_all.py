@@ -1593,8 +1593,9 @@ def test_poly_lr_with_and_without_warmup():
 
 
 def test_step_bank_clips_cycled_to_a_fixed_shape_give_the_same_pairing():
-    """train.py cycles the memory-bank clips up to a power of two on CUDA (cudnn.benchmark); Step keeps the
-    first len(rows) audio outputs, so in eval mode the permuted fusion is unchanged by the padding."""
+    """train.py cycles the memory-bank clips up to a power of two on CUDA (cudnn.benchmark); Step runs them in
+    one audio pass after the batch's own clips and keeps the first len(rows) bank outputs, so in eval mode
+    the permuted fusion is unchanged by the padding and the original one by the bank."""
     torch.manual_seed(0)
     m = model.CAVP(backbone='resnet18', output_stride=16, dim=64, heads=4).eval()
     step = train.Step(m)
@@ -1609,6 +1610,9 @@ def test_step_bank_clips_cycled_to_a_fixed_shape_give_the_same_pairing():
                                                               m.forward_audio(a_bank[2:3])]))
     torch.testing.assert_close(z_cyc, z_perm)
     torch.testing.assert_close(z_perm, z_ref, atol=1e-5, rtol=1e-4)
+    # the bank clips share the audio pass with the batch's own clips but not the tokens: z is the plain pairing
+    z_own, _ = m.fuse(m.forward_image(x)['u_v'], m.forward_audio(a))
+    torch.testing.assert_close(z, z_own.detach(), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(z_perm, z_no_bank)
 
 
