@@ -38,7 +38,8 @@ BENCH_WARMUP = 10
 # after epochs 4 and 7, and a 100-step linear lr warm-up to 8e-3 (not in the paper: from random init the model
 # otherwise sat 1-2 epochs predicting all background). A ResNet-10 step at crop 64 is ~1.8x cheaper than a
 # ResNet-18 one at crop 80, and 7 such epochs learn more than 4 of those (README, "what was tried"). It fits in
-# 10 minutes (9 min 46 s: 0.4 s audio buys the 7th epoch; with 0.5 s it took 10 min 30 s) and is not converged.
+# 10 minutes (7 min 30 s in session 5, 9 min 46 s on session 4's slower day; 0.4 s audio bought the 7th epoch
+# then: with 0.5 s it took 10 min 30 s) and is not converged.
 PRESETS = {
     'paper': dict(backbone='resnet50', output_stride=8, crop=512, scale=(0.5, 2.0), batch_size=16, epochs=80, lr=1e-3, weight_decay=5e-4,
                   head_lr_mult=10.0, audio_seconds=3.0, balance=0.0, test_scale=1.0, max_anchors=512, eval_every=1, workers=8,
