@@ -398,7 +398,7 @@ class CAVP(nn.Module):
 def param_counts(model):
     """Millions of parameters per branch."""
     groups = {'image backbone': [model.backbone], 'decoder (ASPP + layer1 reduce)': [model.aspp, model.reduce],
-              'audio (ResNet-18 + Linear)': [model.audio, model.audio_proj], 'fusion f_CA': [model.fusion],
+              'audio (ResNet or VGGish + Linear)': [model.audio, model.audio_proj], 'fusion f_CA': [model.fusion],
               'head': [model.head]}
     return {k: sum(p.numel() for m in ms for p in m.parameters()) / 1e6 for k, ms in groups.items()}
 
