@@ -1,21 +1,28 @@
-"""Data: the sources (built-in offline source, real COCO + audio via vpo.py, the official VPO release)
-and the torch Dataset with its joint image/mask/audio transforms (Sec. 3, Sec. 4, App. B.1).
+"""Data: every source of the paper's experiments, read into torch Datasets (Sec. 3, Sec. 4, App. B.1).
 
-Every source ends up as a VPO manifest (vpo.py's layout) and goes through the same VPODataset:
-    built-in:  data/ -> make_builtin() writes COCO 2017 + a VGGSound-like audio bank -> vpo.build() -> VPODataset
+Read in this order: constants; the audio front-ends (read_clip, logmel of the VPO models, the VGGish
+front-end of AVSBench); VPODataset with its joint image/mask/audio transforms; the AVSBench loaders
+(Tables 1-3); resolve_root / build_dataset, which pick the source --data / --root name; then the built-in
+offline generator, which is not part of the paper; the CLI last.
+
+Every VPO source ends up as a VPO manifest (vpo.py's layout) and goes through the same VPODataset:
     real:      python vpo.py --coco ... --audio ... --out DIR; then --root DIR           -> VPODataset
     official:  --root <folder holding VPO-SS/ VPO-MS/ VPO-MSMI/>  -> vpo.read_official() -> VPODataset
+    built-in:  no --root: data/ <- COCO 2017 + VGGSound-format files (ensure_builtin) -> vpo.build() -> VPODataset
+AVSBench (--data s4 | ms3 | avss, --root the released folder) -> AVSBenchDataset.
 
     python data.py --data vpo_msmi [--root DIR]    # summary + preview PNG (image, mask, stereo log-mel)
 """
 import argparse
 import csv
+import fcntl
 import functools
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -31,19 +38,104 @@ SR = 16000                                           # App. B.1: audio at 16 kHz
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)   # ImageNet statistics (torchvision backbones)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 VPO_SUBSETS = ('vpo_ss', 'vpo_ms', 'vpo_msmi')
+AVSBENCH = ('s4', 'ms3', 'avss')
+OFFICIAL_DIRS = ('VPO-SS', 'VPO-MS', 'VPO-MSMI')     # folders of the official VPO release
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def palette(n=256):
+    """(n, 3) uint8: the PASCAL VOC colour map, in which bits 3k, 3k+1, 3k+2 of the class index set bit
+    7-k of R, G and B. AVSBench's colour masks (labels_rgb) use its first 71 entries; entry 255 is VOC's
+    colour of ignored pixels (224, 224, 192)."""
+    pal = np.zeros((n, 3), np.uint8)
+    for j in range(n):
+        lab, k = j, 0
+        while lab:
+            for c in range(3):
+                pal[j, c] |= ((lab >> c) & 1) << (7 - k)
+            lab, k = lab >> 3, k + 1
+    return pal
+
+
 # -----------------------------------------------------------------------------------------------
-# audio: reading any clip, and the log-mel of the official code
+# reading inputs: JSON named when it is damaged, names kept inside their folder, id masks by value
+
+def _load_json(path):
+    """The JSON document in `path`; a truncated or malformed file raises ValueError naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})') from e
+
+
+def _read_jsonl(path):
+    """The rows of a JSON-lines manifest (blank lines skipped); a bad line raises ValueError naming file:line."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}:{n}: not a JSON line ({e.msg}, column {e.colno})') from e
+    return rows
+
+
+def _inside(folder, *names, source):
+    """folder/name/...: each name read from a manifest or a metadata CSV (`source`) must stay inside the
+    folder it is relative to, so an absolute name, or `..` parts that climb out, raise ValueError."""
+    path = folder
+    for name in names:
+        sub = os.path.join(path, name)
+        rel = os.path.relpath(os.path.normpath(sub), os.path.normpath(path))
+        if os.path.isabs(name) or rel == '..' or rel.startswith('..' + os.sep):
+            raise ValueError(f'{source}: file name {name!r} is absolute or leaves {path}')
+        path = sub
+    return path
+
+
+def _open(path, what, where):
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Exception as e:   # PIL raises several types; the file name is what a user needs
+        raise RuntimeError(f'cannot read {what} {path} (from {where}): {e}') from e
+
+
+def read_id_mask(path, what='mask', where=None):
+    """Mode-L PIL image of the ids stored in an id PNG (label masks and instance maps): L as stored, P by
+    its index values (not the brightness of their colours), 1 as 0/1, I / I;16 when every value fits
+    0..255. Colour modes (RGB, RGBA, ...) hold no ids: ValueError naming the file (and `where` it is listed)."""
+    img = _open(path, what, where)
+    src = f' (from {where})' if where else ''
+    if img.mode == 'L':
+        return img
+    if img.mode in ('P', '1'):
+        return Image.fromarray(np.array(img).astype(np.uint8))
+    if img.mode == 'I' or img.mode.startswith('I;16'):
+        a = np.array(img)
+        if a.min() < 0 or a.max() > 255:
+            raise ValueError(f'{path}: {what} values {a.min()}..{a.max()} do not fit ids 0..255{src}')
+        return Image.fromarray(a.astype(np.uint8))
+    raise ValueError(f'{path}: {what} of mode {img.mode} holds colours, not ids; expected an L, P, 1 or I;16 PNG{src}')
+
+
+# -----------------------------------------------------------------------------------------------
+# audio front-ends: reading any clip, the log-mel of the VPO models, the VGGish examples of AVSBench
 
 _RESAMPLE = {}
 
 
-def read_clip(path, seconds, rng=None):
-    """A mono float32 window of `seconds` at 16 kHz from any wav/flac/ogg/opus file of any rate and
-    channel count. Training takes a random window (rng), evaluation the centre one (the official
-    code's centre crop); clips shorter than the window are tiled. Stereo files are averaged to mono:
-    VPO re-pans every source by its object's position (vpo.pan), so a file's own stereo is not kept."""
+def read_clip(path, seconds, rng=None, *, mono=True):
+    """A float32 window of `seconds` at 16 kHz from any wav/flac/ogg/opus file of any rate and channel count:
+    (L,) averaged to mono, or (channels, L) as recorded with mono=False. Training takes a random window (rng),
+    evaluation the centre one (the official code's centre crop); clips shorter than the window are tiled whole
+    (the official crop starts at a negative index for clips under 3 s and tiles only their last part). VPO
+    averages to mono: it re-pans every source by its object's position (vpo.pan), so a file's own stereo is not
+    kept."""
     try:
         with sf.SoundFile(path) as f:   # opened once: header, seek and read
             n, sr = f.frames, f.samplerate
@@ -52,18 +144,19 @@ def read_clip(path, seconds, rng=None):
             if n > need:
                 start = int(rng.integers(0, n - need + 1)) if rng is not None else (n - need) // 2
                 f.seek(start)
-            x = f.read(min(need, n) if n > 0 else -1, dtype='float32', always_2d=True)
+            x = f.read(min(need, n) if n > 0 else -1, dtype='float32', always_2d=True)   # n, channels
     except Exception as e:  # soundfile raises several types; the file name is what a user needs
         raise RuntimeError(f'cannot read audio clip {path}: {e}') from e
-    x = x.mean(1)
-    if sr != SR and len(x):
+    x = np.ascontiguousarray((x.mean(1, keepdims=True) if mono else x).T)                  # channels, n
+    if sr != SR and x.shape[1]:
         if sr not in _RESAMPLE:   # the sinc kernel is built once per rate
             _RESAMPLE[sr] = torchaudio.transforms.Resample(sr, SR)
         x = _RESAMPLE[sr](torch.from_numpy(x)).numpy()
     L = int(round(seconds * SR))
-    if len(x) == 0:
-        return np.zeros(L, np.float32)
-    return np.tile(x, -(-L // len(x)))[:L].astype(np.float32)
+    if x.shape[1] == 0:
+        x = np.zeros((x.shape[0], L), np.float32)
+    x = np.tile(x, (1, -(-L // x.shape[1])))[:, :L].astype(np.float32)                    # channels, L
+    return x[0] if mono else x
 
 
 _MEL = {}
@@ -140,292 +233,7 @@ def vggish_audio(wave):
 
 
 # -----------------------------------------------------------------------------------------------
-# the built-in offline source: COCO 2017 layout + VGGSound-like audio bank, generated from a seed
-
-BUILTIN_VERSION = 2   # 2: one seed per image and per clip (parallel generation)
-BUILTIN_SIZE = dict(n_train=1200, n_val=200, clips_per_class=16)  # COCO train2017 / val2017 images
-
-# Appearance of each visual label: (shape, texture, hue in degrees). Every (shape, texture) pair is
-# unique and labels that share a shape sit >= 40 degrees apart in hue, so the 21 classes are told apart
-# by appearance; intra-class variety (hue +-12, saturation, value, size, aspect, rotation, texture
-# period) keeps colour alone from being a lookup. male/female/baby are COCO 'person'; captions name them.
-LOOKS = {
-    'airplane': ('cross', 'solid', 210), 'baby': ('figure', 'dots', 50), 'bird': ('star', 'solid', 55),
-    'bus': ('rect', 'stripes', 60), 'car': ('rect', 'solid', 0), 'cat': ('triangle', 'stripes', 40),
-    'cell phone': ('rect', 'dots', 270), 'cow': ('hexagon', 'dots', 130), 'dog': ('ellipse', 'solid', 30),
-    'elephant': ('hexagon', 'solid', 220), 'female': ('figure', 'stripes', 330), 'horse': ('ellipse', 'stripes', 110),
-    'keyboard': ('diamond', 'dots', 200), 'male': ('figure', 'solid', 235), 'motorcycle': ('diamond', 'solid', 300),
-    'mouse': ('triangle', 'dots', 160), 'sheep': ('ellipse', 'dots', 190), 'skateboard': ('diamond', 'stripes', 90),
-    'sports ball': ('star', 'dots', 340), 'tennis racket': ('star', 'stripes', 140), 'zebra': ('hexagon', 'stripes', 0),
-}
-PERSON_WORDS = {'male': 'man', 'female': 'woman', 'baby': 'baby'}
-DISTRACTORS = {'chair': 62, 'bottle': 44, 'potted plant': 64, 'clock': 85}  # non-VPO COCO categories
-# Sound of each visual label: a frequency band (7 bands, x1.5 apart) x a temporal pattern (steady,
-# pulsed, sweeping), one pair per class; variety: pitch +-8%, harmonics, pulse rate, noise, level.
-BANDS = (200, 300, 450, 675, 1000, 1500, 2250)
-CROSS = [(0.35, 1), (-0.35, 1), (-0.35, 0.35), (-1, 0.35), (-1, -0.35), (-0.35, -0.35),
-         (-0.35, -1), (0.35, -1), (0.35, -0.35), (1, -0.35), (1, 0.35), (0.35, 0.35)]
-
-
-def _polygon(shape, cx, cy, rx, ry, rot):
-    """Vertices (list of flat [x0, y0, x1, ...] parts) of a shape centred at (cx, cy)."""
-    if shape == 'figure':  # a person: head + body, two polygon parts of one annotation
-        head = _polygon('ellipse', cx, cy - 0.62 * ry, 0.38 * rx, 0.36 * ry, 0)[0]
-        body = _polygon('rect', cx, cy + 0.32 * ry, 0.6 * rx, 0.62 * ry, rot)[0]
-        return [head, body]
-    if shape == 'cross':  # a plus sign, arms 0.35 wide
-        x, y = np.array(CROSS, np.float64).T
-    else:
-        k = {'ellipse': 24, 'rect': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10,
-             'semicircle': 13, 'trapezoid': 4, 'pentagon': 5}[shape]
-        a = np.arange(k) * 2 * np.pi / k + {'rect': np.pi / 4, 'triangle': -np.pi / 2, 'trapezoid': np.pi / 4}.get(shape, 0)
-        if shape == 'semicircle':
-            a = np.linspace(0, np.pi, k)
-        r = np.full(k, math.sqrt(2) if shape in ('rect', 'trapezoid') else 1.0)
-        if shape == 'star':
-            r[1::2] = 0.45
-        x, y = r * np.cos(a), r * np.sin(a)
-        if shape == 'trapezoid':
-            x = x * np.where(y < 0, 0.6, 1.0)
-    c, s = math.cos(rot), math.sin(rot)
-    px, py = cx + rx * (c * x - s * y), cy + ry * (s * x + c * y)
-    return [np.stack([px, py], 1).ravel().round(1).tolist()]
-
-
-def _hsv(h, s, v):
-    c = v * s
-    x = c * (1 - abs((h / 60) % 2 - 1))
-    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h // 60) % 6]
-    return np.array([r + v - c, g + v - c, b + v - c], np.float32)
-
-
-def _texture(texture, colour, h, w, rng):
-    """(h, w, 3) paint of an object: solid, stripes (random angle, period) or dots."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    period = rng.uniform(5, 9)
-    dark = colour * rng.uniform(0.35, 0.6)
-    if texture == 'stripes':
-        ang = rng.uniform(0, np.pi)
-        on = (np.cos(ang) * xx + np.sin(ang) * yy + rng.uniform(0, period)) % period < period / 2
-    elif texture == 'dots':
-        on = np.hypot((xx % period) - period / 2, (yy % period) - period / 2) < period / 3.2
-    else:
-        on = np.zeros((h, w), bool)
-    paint = np.where(on[..., None], dark, colour)
-    return paint + rng.normal(0, 0.02, (h, w, 3)).astype(np.float32)
-
-
-def _rle(mask):
-    """Uncompressed COCO RLE (column-major run lengths, starting with a run of zeros)."""
-    flat = mask.T.ravel().astype(np.uint8)
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return {'counts': ([0] + counts) if flat[0] else counts, 'size': list(mask.shape)}
-
-
-def _make_image(image_id, rng, cat_ids, image_size=None):
-    """One image + its annotations + captions. Every image holds >= 2 VPO classes (so only the audio
-    says which object sounds); about a third hold 2 instances of one class far apart (so only stereo
-    says which one)."""
-    W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
-    c0, c1 = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)), _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8))
-    g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
-    img = (c0 * (1 - g) + c1 * g) + rng.normal(0, 0.03, (H, W, 3)).astype(np.float32)
-    names = [c for c in vpo.VPO_CLASSES[1:]]
-    person = [c for c in names if c in PERSON_WORDS]
-    others = [c for c in names if c not in PERSON_WORDS]
-    k = int(rng.integers(2, 5))
-    pool = others + [person[int(rng.integers(3))]]        # at most one kind of person per image
-    chosen = list(rng.choice(pool, size=k, replace=False))
-    dup = rng.random() < 0.35
-    objs = [(c, None) for c in chosen]
-    if dup:  # a second instance of one class, on the other side of the image
-        objs = [(chosen[0], 'left'), (chosen[0], 'right')] + objs[1:]
-    objs += [(d, None) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
-    boxes, anns = [], []
-    for cls, side in objs:
-        for _ in range(30):  # rejection sampling: objects do not overlap, so polygons are the visible masks
-            r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0)
-            rx, ry = r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25)
-            lo, hi = (rx + 2, W - rx - 2)
-            if side == 'left':
-                hi = min(hi, 0.4 * W)
-            if side == 'right':
-                lo = max(lo, 0.6 * W)
-            if lo >= hi:
-                continue
-            cx, cy = rng.uniform(lo, hi), rng.uniform(ry + 2, H - ry - 2)
-            box = (cx - rx, cy - ry, cx + rx, cy + ry)
-            if all(box[2] < b[0] - 2 or box[0] > b[2] + 2 or box[3] < b[1] - 2 or box[1] > b[3] + 2 for b in boxes):
-                break
-        else:
-            continue
-        boxes.append(box)
-        if cls in LOOKS:
-            shape, texture, hue = LOOKS[cls]
-            colour = _hsv((hue + rng.uniform(-12, 12)) % 360, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
-        else:
-            shape = str(rng.choice(['semicircle', 'trapezoid', 'pentagon']))
-            texture = str(rng.choice(['solid', 'stripes', 'dots']))
-            colour = _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9))
-        poly = _polygon(shape, cx, cy, rx, ry, rng.uniform(-0.3, 0.3))
-        m = Image.new('L', (W, H), 0)
-        for part in poly:
-            ImageDraw.Draw(m).polygon(part, fill=1)
-        m = np.asarray(m, bool)
-        if not m.any():
-            continue
-        img = np.where(m[..., None], _texture(texture, colour, H, W, rng), img)
-        ys, xs = np.nonzero(m)
-        anns.append({'image_id': image_id, 'category_id': cat_ids[cls], 'segmentation': poly, 'iscrowd': 0,
-                     'area': float(m.sum()), 'bbox': [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
-    if rng.random() < 0.05:  # a crowd region (RLE, iscrowd = 1) of small blobs of one VPO class
-        cls = str(rng.choice(others))
-        m = np.zeros((H, W), bool)
-        yy, xx = np.mgrid[0:H, 0:W]
-        for _ in range(4):
-            m |= np.hypot(xx - rng.uniform(0, W), yy - rng.uniform(0, 0.2 * H)) < rng.uniform(3, 6)
-        img = np.where(m[..., None], _hsv(LOOKS[cls][2], 0.8, 0.8), img)
-        ys, xs = np.nonzero(m)
-        if len(xs):
-            anns.append({'image_id': image_id, 'category_id': cat_ids[cls], 'segmentation': _rle(m), 'iscrowd': 1,
-                         'area': float(m.sum()), 'bbox': [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]})
-    people = {c for c, _ in objs if c in PERSON_WORDS}
-    words = [PERSON_WORDS[c] for c in people]
-    # the person rule of vpo.py reads captions: >= 2 of them must name the same group
-    captions = [f'a {w} standing among shapes' for w in words] + [f'shapes around a {w}' for w in words] or ['coloured shapes']
-    pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-    return pixels, anns, captions
-
-
-def _make_clip(k, variant, rng, sr, seconds):
-    """A clip of visual class index k (1..21): band (k-1) % 7, pattern (k-1) // 7 (steady / pulsed /
-    sweeping), with pitch, harmonics, rhythm, noise and level drawn per clip."""
-    n = int(seconds * sr)
-    t = np.arange(n, dtype=np.float64) / sr
-    f0 = BANDS[(k - 1) % 7] * rng.uniform(0.92, 1.08) * (1 + 0.02 * variant)
-    pattern = (k - 1) // 7
-    if pattern == 2:  # sweeping: the pitch glides up by ~30% and restarts, 1.5-3 times a second
-        f = f0 * (1 + 0.3 * ((t * rng.uniform(1.5, 3.0)) % 1.0))
-        phase = 2 * np.pi * np.cumsum(f) / sr
-    else:
-        phase = 2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi)
-    x = sum(0.6 ** h * np.sin((h + 1) * phase) for h in range(int(rng.integers(1, 4))))
-    if pattern == 1:  # pulsed: 3-6 bursts a second
-        rate, duty = rng.uniform(3, 6), rng.uniform(0.3, 0.5)
-        x = x * (((t * rate + rng.uniform()) % 1.0) < duty)
-    x = x + rng.normal(0, rng.uniform(0.02, 0.25), n)
-    return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
-
-
-def _write_image(job):
-    """Worker of make_builtin: draw image `image_id` from its own seed, write the JPEG, return its records."""
-    seed, image_id, folder, cat_ids, image_size = job
-    pixels, anns, captions = _make_image(image_id, np.random.default_rng([seed, 0, image_id]), cat_ids, image_size)
-    name = f'{image_id:012d}.jpg'
-    Image.fromarray(pixels).save(os.path.join(folder, name), quality=92)
-    return {'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]}, anns, captions
-
-
-def _write_clip(job):
-    """Worker of make_builtin: synthesise clip j of class index k from its own seed and write it."""
-    seed, k, j, audio = job
-    rng = np.random.default_rng([seed, 1, k, j])
-    labels = vpo.TABLE7[vpo.VPO_CLASSES[k]]
-    label = labels[j % len(labels)]
-    sr = int(rng.choice([16000, 22050, 44100]))
-    seconds = rng.uniform(0.6, 1.0) if rng.random() < 0.15 else rng.uniform(2.0, 10.0)
-    x = _make_clip(k, j % len(labels), rng, sr, seconds)
-    if rng.random() < 0.3:  # a stereo file: the same sound, slightly different per channel
-        x = np.stack([x, x * rng.uniform(0.7, 1.0)], 1)
-    ext = str(rng.choice(['wav', 'wav', 'flac', 'ogg']))
-    folder = os.path.join(audio, vpo.folder_name(label))
-    os.makedirs(folder, exist_ok=True)
-    sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
-
-
-def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True, workers=None):
-    """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
-    captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
-    16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long). Every image and clip draws
-    from its own seed (seed, image id) / (seed, class, clip), so the files are the same whatever the number
-    of worker processes (default: one per CPU core)."""
-    coco, audio = os.path.join(root, 'coco'), os.path.join(root, 'audio')
-    cat_ids = {**{c: vpo.COCO_IDS[c] for c in LOOKS}, **DISTRACTORS}   # male/female/baby -> 1 'person'
-    categories = sorted({(i, 'person' if c in PERSON_WORDS else c) for c, i in cat_ids.items()})
-    os.makedirs(os.path.join(coco, 'annotations'), exist_ok=True)
-    splits = (('train2017', range(1, n_train + 1)), ('val2017', range(n_train + 1, n_train + n_val + 1)))
-    clips = [(seed, k, j, audio) for k in range(1, len(vpo.VPO_CLASSES))
-             for j in range(max(clips_per_class, 2 * len(vpo.TABLE7[vpo.VPO_CLASSES[k]])))]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    # fork (as DataLoader workers do on Linux): the workers only run numpy / PIL / soundfile, and a spawned
-    # child would re-import the caller's __main__, which fails for stdin scripts and notebooks
-    ctx = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
-    pool = ctx.Pool(workers) if workers > 1 else None
-    imap = functools.partial(pool.imap, chunksize=8) if pool else map
-    try:
-        ann_id = 1
-        for split, ids in splits:
-            os.makedirs(os.path.join(coco, split), exist_ok=True)
-            images, anns, caps = [], [], []
-            for image, a, c in imap(_write_image, [(seed, i, os.path.join(coco, split), cat_ids, image_size) for i in ids]):
-                images.append(image)
-                for x in a:
-                    x['id'] = ann_id
-                    ann_id += 1
-                anns += a
-                caps += [{'id': len(caps) + 1 + j, 'image_id': image['id'], 'caption': s} for j, s in enumerate(c)]
-            cats = [{'id': i, 'name': c, 'supercategory': 'builtin'} for i, c in categories]
-            for kind, body in (('instances', {'annotations': anns, 'categories': cats}), ('captions', {'annotations': caps})):
-                with open(os.path.join(coco, 'annotations', f'{kind}_{split}.json'), 'w') as f:
-                    json.dump({'info': {'description': 'cavp built-in source', 'seed': seed}, 'images': images, **body}, f)
-        for _ in imap(_write_clip, clips):
-            pass
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    return coco, audio
-
-
-def ensure_builtin(root=None, *, seed=0, progress=True, **size):
-    """The built-in VPO tree under root (default data/ beside the code), generated on first use and
-    reused; regenerated when the seed, the sizes asked for, or BUILTIN_VERSION change. A call that names
-    no size takes whatever size is cached (tests and smoke runs build smaller ones). Returns the VPO root."""
-    root = root or os.path.join(HERE, 'data')
-    params = {'version': BUILTIN_VERSION, 'seed': seed, **BUILTIN_SIZE, **size}
-    stamp = os.path.join(root, 'builtin.json')
-    out = os.path.join(root, 'vpo')
-    if os.path.exists(stamp) and os.path.exists(os.path.join(out, 'meta.json')):
-        with open(stamp) as f:
-            old = json.load(f)
-        if old == params or (not size and all(old.get(k) == params[k] for k in ('version', 'seed'))):
-            return out
-    t0 = time.time()
-    for sub in ('coco', 'audio', 'vpo'):
-        shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
-    if progress:
-        print(f'building the built-in source in {root} ({params}) ...', flush=True)
-    coco, audio = make_builtin(root, seed=seed, progress=progress, **{k: params[k] for k in BUILTIN_SIZE})
-    vpo.build(coco, audio, out, seed=seed, progress=progress)
-    with open(stamp, 'w') as f:
-        json.dump(params, f)
-    if progress:
-        print(f'built-in source ready in {time.time() - t0:.1f} s', flush=True)
-    return out
-
-
-# -----------------------------------------------------------------------------------------------
-# the Dataset: one code path for every VPO source
-
-def _open(path, what, where):
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except Exception as e:
-        raise RuntimeError(f'cannot read {what} {path} (from {where}): {e}') from e
-
+# the VPO Dataset: one code path for every VPO source, with the joint transforms of App. B.1
 
 class VPODataset(torch.utils.data.Dataset):
     """VPO-SS / MS / MSMI samples (Sec. 3, Sec. 4): image x, log-mel a, label y (0 background,
@@ -437,10 +245,14 @@ class VPODataset(torch.utils.data.Dataset):
     horizontal flip, random audio window. Test: the image at test_scale x its size (1 = original, the
     paper), the label always at original resolution (metrics are computed there), centre audio window.
     Randomness is a pure function of (seed, epoch, index): index the dataset with (epoch, i) to get
-    the same batch whatever the worker count, and after a resume."""
+    the same batch whatever the worker count, and after a resume.
 
-    def __init__(self, root, subset, split, *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0, mono=False,
-                 seed=0, rows=None, test_scale=1.0):
+    Rows come from `{root}/{subset}/{split}.jsonl`, or are given (`rows`, e.g. vpo.read_official's, whose
+    paths are absolute). A manifest's mask and instance-map names must stay inside root; its image and clip
+    names are relative to root but point into the COCO and audio folders vpo.py read, which may lie anywhere."""
+
+    def __init__(self, root, subset, split, *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0,
+                 mono=False, seed=0, rows=None, test_scale=1.0):
         if not 0 < test_scale <= 4:
             raise ValueError(f'test_scale={test_scale}: expected a factor in (0, 4]')
         self.root, self.subset, self.split, self.scale, self.test_scale = root, subset, split, tuple(scale), test_scale
@@ -451,11 +263,14 @@ class VPODataset(torch.utils.data.Dataset):
         if rows is None:
             if not os.path.exists(self.manifest):
                 raise FileNotFoundError(f'no manifest {self.manifest}: is --root a VPO folder written by vpo.py?')
-            with open(self.manifest) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = _read_jsonl(self.manifest)
+            for n, row in enumerate(rows):
+                for key in ('mask', 'inst'):
+                    if row.get(key):
+                        _inside(root, row[key], source=f'{self.manifest}:{n + 1}')
         self.rows = rows
         meta = os.path.join(root, 'meta.json')
-        self.itd = json.load(open(meta)).get('itd', False) if os.path.exists(meta) else False
+        self.itd = _load_json(meta).get('itd', False) if os.path.exists(meta) else False
         self.index = {c: i for i, c in enumerate(self.classes)}
         for n, row in enumerate(rows):
             for o in row['objects']:
@@ -483,7 +298,7 @@ class VPODataset(torch.utils.data.Dataset):
         objects = row['objects']
         if sounding is None:
             sounding = [k for k, o in enumerate(objects) if o['sounding']]
-            label = _open(self._path(row['mask']), 'mask', where)
+            label = read_id_mask(self._path(row['mask']), 'mask', where)
         else:  # rebuild the label map from the instance map: k -> class of objects[k - 1] if it sounds
             if not row.get('inst'):
                 raise ValueError(f'{where}: no instance map, so the sounding objects cannot be re-chosen')
@@ -491,7 +306,7 @@ class VPODataset(torch.utils.data.Dataset):
             lut[255] = 255
             for k in sounding:
                 lut[k + 1] = self.index[objects[k]['cls']]
-            label = Image.fromarray(lut[np.asarray(_open(self._path(row['inst']), 'instance map', where))])
+            label = Image.fromarray(lut[np.asarray(read_id_mask(self._path(row['inst']), 'instance map', where))])
         if label.size != image.size:
             raise ValueError(f'{where}: mask {label.size} and image {image.size} differ in size')
         if augment:
@@ -499,8 +314,8 @@ class VPODataset(torch.utils.data.Dataset):
         elif flip:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
         if not augment and self.test_scale != 1:   # the network sees a rescaled image; the label keeps its size
-            image = image.resize((max(1, round(image.width * self.test_scale)), max(1, round(image.height * self.test_scale))),
-                                 Image.BILINEAR)
+            size = (max(1, round(image.width * self.test_scale)), max(1, round(image.height * self.test_scale)))
+            image = image.resize(size, Image.BILINEAR)
         y = np.asarray(label, np.int64)
 
         # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
@@ -574,7 +389,6 @@ def normalise(image):
 # -----------------------------------------------------------------------------------------------
 # AVSBench (Tables 1-3): the paper's other benchmarks, in their released layouts
 
-AVSBENCH = ('s4', 'ms3', 'avss')
 BINARY_CLASSES = ['background', 'foreground']
 # v1s / v1m are the 5 s AVSBench-Object clips (5 frames), v2 the new 10 s clips (10 frames). The
 # official AVSS loader zero-pads v1 clips to 10 frames (black images, all-background labels) and its
@@ -582,21 +396,8 @@ BINARY_CLASSES = ['background', 'foreground']
 AVSS_FRAMES = {'v1s': 5, 'v1m': 5, 'v2': 10}
 
 
-def avss_palette(n=71):
-    """(n, 3) uint8 colours of AVSBench's colour masks (labels_rgb): the PASCAL VOC colour map, in
-    which bits 3k, 3k+1, 3k+2 of the class index set bit 7-k of R, G and B."""
-    pal = np.zeros((n, 3), np.uint8)
-    for j in range(n):
-        lab, k = j, 0
-        while lab:
-            for c in range(3):
-                pal[j, c] |= ((lab >> c) & 1) << (7 - k)
-            lab, k = lab >> 3, k + 1
-    return pal
-
-
 def _read_csv(path, columns):
-    """[(line number, row dict)] of a metadata CSV that must have `columns`."""
+    """(header, [(line number, row dict)]) of a metadata CSV that must have `columns`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path} is missing (is --root the folder that holds it?)')
     with open(path, newline='') as f:
@@ -623,9 +424,9 @@ def _s4_rows(root, split):
         # the video name is read by position, as the official loaders do (header 'name' in the release)
         name, cat = r[fields[0]], r['category']
         where = f'{path} line {line}, video {name}'
-        frames = os.path.join(root, 's4_data', 'visual_frames', split, cat, name)
-        masks = os.path.join(root, 's4_data', 'gt_masks', split, cat, name)
-        wav = os.path.join(root, 's4_data', 'audio_wav', split, cat, name + '.wav')
+        frames = _inside(os.path.join(root, 's4_data', 'visual_frames', split), cat, name, source=where)
+        masks = _inside(os.path.join(root, 's4_data', 'gt_masks', split), cat, name, source=where)
+        wav = _inside(os.path.join(root, 's4_data', 'audio_wav', split), cat, name + '.wav', source=where)
         for p in (frames, masks, wav):
             _need(p, where)
         # S4 train annotates only the first of the 5 frames ([63]); the others have no label, so
@@ -646,9 +447,9 @@ def _ms3_rows(root, split):
             continue
         name = r[fields[0]]
         where = f'{path} line {line}, video {name}'
-        frames = os.path.join(root, 'ms3_data', 'visual_frames', name)
-        masks = os.path.join(root, 'ms3_data', 'gt_masks', split, name)
-        wav = os.path.join(root, 'ms3_data', 'audio_wav', split, name + '.wav')
+        frames = _inside(os.path.join(root, 'ms3_data', 'visual_frames'), name, source=where)
+        masks = _inside(os.path.join(root, 'ms3_data', 'gt_masks', split), name, source=where)
+        wav = _inside(os.path.join(root, 'ms3_data', 'audio_wav', split), name + '.wav', source=where)
         for p in (frames, masks, wav):
             _need(p, where)
         for i in range(1, 6):   # every MS3 frame is annotated, train included
@@ -659,13 +460,20 @@ def _ms3_rows(root, split):
 
 
 def _avss_classes(root):
+    """Class names in index order from label2idx.json. Only the order of the names matters (mask value k is
+    the k-th class, coloured by palette entry k, as in the official loader); copies number the classes
+    0..70 (the release) or 1..71 (copies published with follow-up work), background first in both."""
     path = os.path.join(root, 'label2idx.json')
     _need(path, 'AVSS class list')
-    with open(path) as f:
-        idx = json.load(f)
+    idx = _load_json(path)
+    if not isinstance(idx, dict) or not idx or not all(type(v) is int for v in idx.values()):
+        raise ValueError(f'{path}: expected a JSON object of class name -> integer index')
     names = sorted(idx, key=idx.get)
-    if [idx[n] for n in names] != list(range(len(names))) or idx.get('background') != 0:
-        raise ValueError(f'{path}: indices must be 0..{len(names) - 1} with background = 0')
+    first = idx[names[0]]
+    if first not in (0, 1) or [idx[n] for n in names] != list(range(first, first + len(names))) \
+            or names[0] != 'background':
+        raise ValueError(f'{path}: indices must be 0..{len(names) - 1} with background = 0, '
+                         f'or 1..{len(names)} with background = 1')
     return names
 
 
@@ -678,7 +486,7 @@ def _avss_rows(root, split, subsets):
             continue
         uid, sub = r['uid'], r['label']
         where = f'{path} line {line}, uid {uid}'
-        base = os.path.join(root, sub, uid)
+        base = _inside(os.path.join(root, sub), uid, source=where)
         for p in (os.path.join(base, 'frames'), os.path.join(base, 'labels_semantic'),
                   os.path.join(base, 'audio.wav')):
             _need(p, where)
@@ -708,26 +516,26 @@ def binary_label(img):
     return (grey >= 128 if grey.max() > 1 else grey > 0).astype(np.uint8)
 
 
-def semantic_label(img, palette, path):
+def semantic_label(img, colours, path):
     """uint8 (H, W) class indices from an AVSS mask: labels_semantic PNGs store the index (mode P or
-    L, 255 = ignore); an RGB colour mask (labels_rgb) is decoded with `palette`, colours not in it
-    (anti-aliasing) become 255."""
+    L, 255 = ignore); an RGB colour mask (labels_rgb) is decoded with `colours` (N, 3), the class colours
+    (palette(N)); colours not in it (anti-aliasing) become 255."""
     if img.mode in ('P', 'L'):
         a = np.array(img, dtype=np.uint8)
     elif img.mode in ('RGB', 'RGBA'):
         rgb = np.asarray(img.convert('RGB')).astype(np.int64)
         key = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]                       # H, W
-        pal = palette.astype(np.int64)
+        pal = colours.astype(np.int64)
         pal_key = pal[:, 0] << 16 | pal[:, 1] << 8 | pal[:, 2]                         # N (VOC colours are distinct)
         order = np.argsort(pal_key)
         pos = np.clip(np.searchsorted(pal_key[order], key), 0, len(order) - 1)         # H, W
         a = np.where(pal_key[order][pos] == key, order[pos], 255).astype(np.uint8)
     else:
         raise ValueError(f'{path}: mask mode {img.mode} is neither an index PNG (P/L) nor RGB')
-    bad = (a >= len(palette)) & (a != 255)
+    bad = (a >= len(colours)) & (a != 255)
     if bad.any():
         raise ValueError(f'{path}: values {np.unique(a[bad])[:5].tolist()} are not classes '
-                         f'0..{len(palette) - 1} of label2idx.json (or 255)')
+                         f'0..{len(colours) - 1} of label2idx.json (or 255)')
     return a
 
 
@@ -776,7 +584,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
     No `load()`: the audio probes need instance maps and stereo, so evaluate.py skips them here.
     """
 
-    def __init__(self, root, name, split, *, train=False, crop=None, scale=(0.5, 2.0), resize=None, subsets=None, seed=0):
+    def __init__(self, root, name, split, *, train=False, crop=None, scale=(0.5, 2.0), resize=None, subsets=None,
+                 seed=0):
         if name not in AVSBENCH:
             raise ValueError(f'--data {name!r}: AVSBench name must be one of {AVSBENCH}')
         if split not in ('train', 'val', 'test'):
@@ -799,7 +608,7 @@ class AVSBenchDataset(torch.utils.data.Dataset):
                              + (f' in subsets {subsets}' if name == 'avss' else ''))
         self.num_classes = len(self.classes)
         self.subset, self.split = name, split
-        self.palette = avss_palette(self.num_classes) if name == 'avss' else None
+        self.palette = palette(self.num_classes) if name == 'avss' else None
         self.train, self.resize, self.seed, self.scale = train, resize, seed, tuple(scale)
         self.crop = crop or resize or 512
         self.audio_transform = vggish_audio
@@ -826,7 +635,8 @@ class AVSBenchDataset(torch.utils.data.Dataset):
             image = image.resize((self.resize, self.resize), Image.BILINEAR)
             label = label.resize((self.resize, self.resize), Image.NEAREST)
         if self.train:    # a flip cannot mirror the audio: AVSBench audio is mono
-            image, label, _ = joint_augment(image, label, crop=self.crop, scale=self.scale, rng=np.random.default_rng([self.seed, epoch, index]))
+            rng = np.random.default_rng([self.seed, epoch, index])
+            image, label, _ = joint_augment(image, label, crop=self.crop, scale=self.scale, rng=rng)
         x, y = normalise(image), torch.from_numpy(np.array(label, dtype=np.int64))        # (3, H, W), (H, W)
         w = audio_segment(row['audio'], row['segment'], row)[None]                     # A=1, L=15600
         single = t.sum().item() == 1
@@ -837,49 +647,397 @@ class AVSBenchDataset(torch.utils.data.Dataset):
                 'bank_alpha': 0.5}
 
 
-def resolve_root(name, root=None, *, seed=0, progress=True):
-    """Which source --root names: a VPO folder written by vpo.py (has meta.json), the official release
-    (has VPO-SS/ VPO-MS/ VPO-MSMI/), or else the cache folder of the built-in source (default data/)."""
-    if root and os.path.exists(os.path.join(root, 'meta.json')) and not os.path.exists(os.path.join(root, '..', 'builtin.json')):
+# -----------------------------------------------------------------------------------------------
+# choosing the source: --data and --root
+
+def resolve_root(name, root=None, *, data_seed=0, progress=True):
+    """(folder, kind) of the VPO source that --root names, kind 'vpo' | 'official' | 'builtin'. No root: the
+    default built-in cache (ensure_builtin, generated from data_seed on first use). A given root must exist
+    and be a VPO folder written by vpo.py (meta.json), the official release (VPO-SS/ VPO-MS/ VPO-MSMI/), or a
+    built-in cache (builtin.json, or builtin.lock where a generation began) or its vpo/ child; anything else
+    is a FileNotFoundError, so a mistyped --root is never filled with generated data. `name`: the --data subset."""
+    if not root:
+        return ensure_builtin(None, data_seed=data_seed, progress=progress), 'builtin'
+    cache = lambda d: any(os.path.isfile(os.path.join(d, f)) for f in ('builtin.json', 'builtin.lock'))
+    parent = os.path.dirname(os.path.abspath(root))
+    if cache(root):
+        return ensure_builtin(root, data_seed=data_seed, progress=progress), 'builtin'
+    if os.path.isfile(os.path.join(root, 'meta.json')):
+        if os.path.basename(os.path.abspath(root)) == 'vpo' and cache(parent):
+            return ensure_builtin(parent, data_seed=data_seed, progress=progress), 'builtin'
         return root, 'vpo'
-    if root and any(os.path.isdir(os.path.join(root, d)) for d in ('VPO-SS', 'VPO-MS', 'VPO-MSMI')):
+    if any(os.path.isdir(os.path.join(root, d)) for d in OFFICIAL_DIRS):
         return root, 'official'
-    if root and os.path.exists(root) and os.listdir(root) and not os.path.exists(os.path.join(root, 'builtin.json')):
-        raise FileNotFoundError(f'--root {root} is neither a VPO folder (meta.json), the official release (VPO-SS/ ...) '
-                                f'nor a built-in cache (builtin.json)')
-    return ensure_builtin(root, seed=seed, progress=progress), 'builtin'
+    state = ('does not exist' if not os.path.exists(root) else 'is not a folder' if not os.path.isdir(root)
+             else 'is empty' if not os.listdir(root) else 'holds none of them')
+    raise FileNotFoundError(f'--root {root} {state}: expected a VPO folder written by vpo.py (meta.json), the '
+                            f'official release ({"/ ".join(OFFICIAL_DIRS)}/) or a built-in cache (builtin.json) '
+                            f'for --data {name}')
 
 
 def build_dataset(name, root=None, split='train', *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0,
-                  mono=False, seed=0, resize=None, subsets=None, test_scale=1.0):
-    """The Dataset for --data name on `split` (train / val / test); subsets: AVSS v1s / v1m / v2 (Table 3);
+                  mono=False, seed=0, data_seed=0, resize=None, subsets=None, test_scale=1.0):
+    """The Dataset for --data name on `split` (train / val / test). seed: augmentation only; data_seed: the
+    built-in source's generation (real data ignores it). subsets: AVSS v1s / v1m / v2 (Table 3);
     test_scale: VPO only, the factor evaluation images are resized by (labels stay at original size)."""
     if name in AVSBENCH:
         if not root:
             raise ValueError(f'--data {name} needs --root: the folder of the released AVSBench files')
         if test_scale != 1:
             raise ValueError(f'test_scale={test_scale}: AVSBench evaluates at --resize or original resolution')
-        return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, scale=scale, resize=resize, subsets=subsets, seed=seed)
+        return AVSBenchDataset(root, name, split, train=train, crop=resize or crop, scale=scale, resize=resize,
+                               subsets=subsets, seed=seed)
     if name not in VPO_SUBSETS:
         raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS + AVSBENCH)}')
-    path, kind = resolve_root(name, root, seed=seed)
+    path, kind = resolve_root(name, root, data_seed=data_seed)
     rows = vpo.read_official(path, name, split) if kind == 'official' else None
-    return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds, mono=mono, seed=seed,
-                      rows=rows, test_scale=test_scale)
+    return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds,
+                      mono=mono, seed=seed, rows=rows, test_scale=test_scale)
+
+
+# ===============================================================================================
+# THE BUILT-IN OFFLINE SOURCE - NOT PART OF THE PAPER.
+# It generates files in the real formats, COCO 2017 (instances / captions JSON, JPEGs) and a
+# VGGSound-style audio bank (one folder per VGGSound label of Table 7), from a seed, so that everything
+# runs offline through the same code path as real data: vpo.build() -> VPO manifest -> VPODataset.
+# ===============================================================================================
+
+BUILTIN_VERSION = 2   # part of the cache stamp: a cache written by another version of the generator is rebuilt
+BUILTIN_SIZE = dict(n_train=1200, n_val=200, clips_per_class=16)  # COCO train2017 / val2017 images
+
+# Appearance of each visual label: (shape, texture, hue in degrees). Every (shape, texture) pair is
+# unique and labels that share a shape sit >= 40 degrees apart in hue, so the 21 classes are told apart
+# by appearance; intra-class variety (hue +-12, saturation, value, size, aspect, rotation, texture
+# period) keeps colour alone from being a lookup. male/female/baby are COCO 'person'; captions name them.
+LOOKS = {
+    'airplane': ('cross', 'solid', 210), 'baby': ('figure', 'dots', 50), 'bird': ('star', 'solid', 55),
+    'bus': ('rect', 'stripes', 60), 'car': ('rect', 'solid', 0), 'cat': ('triangle', 'stripes', 40),
+    'cell phone': ('rect', 'dots', 270), 'cow': ('hexagon', 'dots', 130), 'dog': ('ellipse', 'solid', 30),
+    'elephant': ('hexagon', 'solid', 220), 'female': ('figure', 'stripes', 330),
+    'horse': ('ellipse', 'stripes', 110), 'keyboard': ('diamond', 'dots', 200), 'male': ('figure', 'solid', 235),
+    'motorcycle': ('diamond', 'solid', 300), 'mouse': ('triangle', 'dots', 160), 'sheep': ('ellipse', 'dots', 190),
+    'skateboard': ('diamond', 'stripes', 90), 'sports ball': ('star', 'dots', 340),
+    'tennis racket': ('star', 'stripes', 140), 'zebra': ('hexagon', 'stripes', 0),
+}
+CAPTION_WORD = {'male': 'man', 'female': 'woman', 'baby': 'baby'}   # person group -> word written in captions
+DISTRACTORS = {'chair': 62, 'bottle': 44, 'potted plant': 64, 'clock': 85}  # non-VPO COCO categories
+# Sound of each visual label: a frequency band (7 bands, x1.5 apart) x a temporal pattern (steady,
+# pulsed, sweeping), one pair per class; variety: pitch +-8%, harmonics, pulse rate, noise, level.
+BANDS = (200, 300, 450, 675, 1000, 1500, 2250)
+CROSS = [(0.35, 1), (-0.35, 1), (-0.35, 0.35), (-1, 0.35), (-1, -0.35), (-0.35, -0.35),
+         (-0.35, -1), (0.35, -1), (0.35, -0.35), (1, -0.35), (1, 0.35), (0.35, 0.35)]
+CORNERS = {'ellipse': 24, 'rect': 4, 'triangle': 3, 'diamond': 4, 'hexagon': 6, 'star': 10,
+           'semicircle': 13, 'trapezoid': 4, 'pentagon': 5}
+TURN = {'rect': np.pi / 4, 'triangle': -np.pi / 2, 'trapezoid': np.pi / 4}   # start angle of the corners
+
+
+def _polygon(shape, cx, cy, rx, ry, rot):
+    """Vertices (list of flat [x0, y0, x1, ...] parts) of a shape centred at (cx, cy)."""
+    if shape == 'figure':  # a person: head + body, two polygon parts of one annotation
+        head = _polygon('ellipse', cx, cy - 0.62 * ry, 0.38 * rx, 0.36 * ry, 0)[0]
+        body = _polygon('rect', cx, cy + 0.32 * ry, 0.6 * rx, 0.62 * ry, rot)[0]
+        return [head, body]
+    if shape == 'cross':  # a plus sign, arms 0.35 wide
+        x, y = np.array(CROSS, np.float64).T
+    else:
+        k = CORNERS[shape]
+        a = np.arange(k) * 2 * np.pi / k + TURN.get(shape, 0)
+        if shape == 'semicircle':
+            a = np.linspace(0, np.pi, k)
+        r = np.full(k, math.sqrt(2) if shape in ('rect', 'trapezoid') else 1.0)
+        if shape == 'star':
+            r[1::2] = 0.45
+        x, y = r * np.cos(a), r * np.sin(a)
+        if shape == 'trapezoid':
+            x = x * np.where(y < 0, 0.6, 1.0)
+    c, s = math.cos(rot), math.sin(rot)
+    px, py = cx + rx * (c * x - s * y), cy + ry * (s * x + c * y)
+    return [np.stack([px, py], 1).ravel().round(1).tolist()]
+
+
+def _hsv(h, s, v):
+    c = v * s
+    x = c * (1 - abs((h / 60) % 2 - 1))
+    r, g, b = [(c, x, 0), (x, c, 0), (0, c, x), (0, x, c), (x, 0, c), (c, 0, x)][int(h // 60) % 6]
+    return np.array([r + v - c, g + v - c, b + v - c], np.float32)
+
+
+def _texture(texture, colour, h, w, rng):
+    """(h, w, 3) paint of an object: solid, stripes (random angle, period) or dots."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(5, 9)
+    dark = colour * rng.uniform(0.35, 0.6)
+    if texture == 'stripes':
+        ang = rng.uniform(0, np.pi)
+        on = (np.cos(ang) * xx + np.sin(ang) * yy + rng.uniform(0, period)) % period < period / 2
+    elif texture == 'dots':
+        on = np.hypot((xx % period) - period / 2, (yy % period) - period / 2) < period / 3.2
+    else:
+        on = np.zeros((h, w), bool)
+    paint = np.where(on[..., None], dark, colour)
+    return paint + rng.normal(0, 0.02, (h, w, 3)).astype(np.float32)
+
+
+def _rle(mask):
+    """Uncompressed COCO RLE (column-major run lengths, starting with a run of zeros)."""
+    flat = mask.T.ravel().astype(np.uint8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {'counts': ([0] + counts) if flat[0] else counts, 'size': list(mask.shape)}
+
+
+def _annotation(image_id, category_id, segmentation, m, iscrowd):
+    """A COCO instance annotation (without its id) of mask m (H, W bool)."""
+    ys, xs = np.nonzero(m)
+    bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+    return {'image_id': image_id, 'category_id': category_id, 'segmentation': segmentation, 'iscrowd': iscrowd,
+            'area': float(m.sum()), 'bbox': bbox}
+
+
+def _place(cls, side, boxes, W, H, rng):
+    """(cx, cy, rx, ry, box) of a new object clear of `boxes` (rejection sampling, 30 tries), or None.
+    Objects do not overlap, so their polygons are their visible masks. side: None, 'left' or 'right'."""
+    for _ in range(30):
+        r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0)
+        rx, ry = r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25)
+        lo, hi = (rx + 2, W - rx - 2)
+        if side == 'left':
+            hi = min(hi, 0.4 * W)
+        if side == 'right':
+            lo = max(lo, 0.6 * W)
+        if lo >= hi:
+            continue
+        cx, cy = rng.uniform(lo, hi), rng.uniform(ry + 2, H - ry - 2)
+        box = (cx - rx, cy - ry, cx + rx, cy + ry)
+        if all(box[2] < b[0] - 2 or box[0] > b[2] + 2 or box[3] < b[1] - 2 or box[1] > b[3] + 2 for b in boxes):
+            return cx, cy, rx, ry, box
+    return None
+
+
+def _draw(img, cls, cx, cy, rx, ry, rng):
+    """Paint object `cls` centred at (cx, cy) into img (H, W, 3); (img, polygon, mask H x W bool)."""
+    H, W = img.shape[:2]
+    if cls in LOOKS:
+        shape, texture, hue = LOOKS[cls]
+        colour = _hsv((hue + rng.uniform(-12, 12)) % 360, rng.uniform(0.55, 1.0), rng.uniform(0.6, 1.0))
+    else:
+        shape = str(rng.choice(['semicircle', 'trapezoid', 'pentagon']))
+        texture = str(rng.choice(['solid', 'stripes', 'dots']))
+        colour = _hsv(rng.uniform(0, 360), rng.uniform(0.1, 0.6), rng.uniform(0.3, 0.9))
+    poly = _polygon(shape, cx, cy, rx, ry, rng.uniform(-0.3, 0.3))
+    m = Image.new('L', (W, H), 0)
+    for part in poly:
+        ImageDraw.Draw(m).polygon(part, fill=1)
+    m = np.asarray(m, bool)
+    if m.any():
+        img = np.where(m[..., None], _texture(texture, colour, H, W, rng), img)
+    return img, poly, m
+
+
+def _make_image(image_id, rng, cat_ids, image_size=None):
+    """One image + its annotations + captions. Every image holds >= 2 VPO classes (so only the audio
+    says which object sounds); about a third hold 2 instances of one class far apart (so only stereo
+    says which one)."""
+    W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
+    c0, c1 = (_hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)) for _ in range(2))
+    g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
+    img = (c0 * (1 - g) + c1 * g) + rng.normal(0, 0.03, (H, W, 3)).astype(np.float32)
+    names = [c for c in vpo.VPO_CLASSES[1:]]
+    person = [c for c in names if c in CAPTION_WORD]
+    others = [c for c in names if c not in CAPTION_WORD]
+    k = int(rng.integers(2, 5))
+    pool = others + [person[int(rng.integers(3))]]        # at most one kind of person per image
+    chosen = list(rng.choice(pool, size=k, replace=False))
+    dup = rng.random() < 0.35
+    objs = [(c, None) for c in chosen]
+    if dup:  # a second instance of one class, on the other side of the image
+        objs = [(chosen[0], 'left'), (chosen[0], 'right')] + objs[1:]
+    objs += [(d, None) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
+    boxes, anns = [], []
+    for cls, side in objs:
+        placed = _place(cls, side, boxes, W, H, rng)
+        if placed is None:
+            continue
+        cx, cy, rx, ry, box = placed
+        boxes.append(box)
+        img, poly, m = _draw(img, cls, cx, cy, rx, ry, rng)
+        if m.any():
+            anns.append(_annotation(image_id, cat_ids[cls], poly, m, 0))
+    if rng.random() < 0.05:  # a crowd region (RLE, iscrowd = 1) of small blobs of one VPO class
+        cls = str(rng.choice(others))
+        m = np.zeros((H, W), bool)
+        yy, xx = np.mgrid[0:H, 0:W]
+        for _ in range(4):
+            m |= np.hypot(xx - rng.uniform(0, W), yy - rng.uniform(0, 0.2 * H)) < rng.uniform(3, 6)
+        img = np.where(m[..., None], _hsv(LOOKS[cls][2], 0.8, 0.8), img)
+        if m.any():
+            anns.append(_annotation(image_id, cat_ids[cls], _rle(m), m, 1))
+    words = [CAPTION_WORD[c] for c in {c for c, _ in objs if c in CAPTION_WORD}]
+    # the person rule of vpo.py reads captions: >= 2 of them must name the same group
+    captions = [f'a {w} standing among shapes' for w in words] + [f'shapes around a {w}' for w in words]
+    pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return pixels, anns, captions or ['coloured shapes']
+
+
+def _make_clip(k, variant, rng, sr, seconds):
+    """A clip of visual class index k (1..21): band (k-1) % 7, pattern (k-1) // 7 (steady / pulsed /
+    sweeping), with pitch, harmonics, rhythm, noise and level drawn per clip."""
+    n = int(seconds * sr)
+    t = np.arange(n, dtype=np.float64) / sr
+    f0 = BANDS[(k - 1) % 7] * rng.uniform(0.92, 1.08) * (1 + 0.02 * variant)
+    pattern = (k - 1) // 7
+    if pattern == 2:  # sweeping: the pitch glides up by ~30% and restarts, 1.5-3 times a second
+        f = f0 * (1 + 0.3 * ((t * rng.uniform(1.5, 3.0)) % 1.0))
+        phase = 2 * np.pi * np.cumsum(f) / sr
+    else:
+        phase = 2 * np.pi * f0 * t + rng.uniform(0, 2 * np.pi)
+    x = sum(0.6 ** h * np.sin((h + 1) * phase) for h in range(int(rng.integers(1, 4))))
+    if pattern == 1:  # pulsed: 3-6 bursts a second
+        rate, duty = rng.uniform(3, 6), rng.uniform(0.3, 0.5)
+        x = x * (((t * rate + rng.uniform()) % 1.0) < duty)
+    x = x + rng.normal(0, rng.uniform(0.02, 0.25), n)
+    return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
+
+
+def _write_builtin_image(job):
+    """Worker of make_builtin: draw image `image_id` from its own seed, write the JPEG, return its records."""
+    seed, image_id, folder, cat_ids, image_size = job
+    pixels, anns, captions = _make_image(image_id, np.random.default_rng([seed, 0, image_id]), cat_ids, image_size)
+    name = f'{image_id:012d}.jpg'
+    Image.fromarray(pixels).save(os.path.join(folder, name), quality=92)
+    return {'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]}, anns, captions
+
+
+def _write_clip(job):
+    """Worker of make_builtin: synthesise clip j of class index k from its own seed and write it."""
+    seed, k, j, audio = job
+    rng = np.random.default_rng([seed, 1, k, j])
+    labels = vpo.TABLE7[vpo.VPO_CLASSES[k]]
+    label = labels[j % len(labels)]
+    sr = int(rng.choice([16000, 22050, 44100]))
+    seconds = rng.uniform(0.6, 1.0) if rng.random() < 0.15 else rng.uniform(2.0, 10.0)
+    x = _make_clip(k, j % len(labels), rng, sr, seconds)
+    if rng.random() < 0.3:  # a stereo file: the same sound, slightly different per channel
+        x = np.stack([x, x * rng.uniform(0.7, 1.0)], 1)
+    ext = str(rng.choice(['wav', 'wav', 'flac', 'ogg']))
+    folder = os.path.join(audio, vpo.folder_name(label))
+    os.makedirs(folder, exist_ok=True)
+    sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
+
+
+def _write_coco_split(coco, split, ids, seed, cat_ids, categories, image_size, imap, ann_id):
+    """Images, instances_{split}.json and captions_{split}.json of one COCO split; returns the next ann id."""
+    os.makedirs(os.path.join(coco, split), exist_ok=True)
+    images, anns, caps = [], [], []
+    for image, a, c in imap(_write_builtin_image, [(seed, i, os.path.join(coco, split), cat_ids, image_size)
+                                                   for i in ids]):
+        images.append(image)
+        for x in a:
+            x['id'] = ann_id
+            ann_id += 1
+        anns += a
+        caps += [{'id': len(caps) + 1 + j, 'image_id': image['id'], 'caption': s} for j, s in enumerate(c)]
+    cats = [{'id': i, 'name': c, 'supercategory': 'builtin'} for i, c in categories]
+    for kind, body in (('instances', {'annotations': anns, 'categories': cats}), ('captions', {'annotations': caps})):
+        with open(os.path.join(coco, 'annotations', f'{kind}_{split}.json'), 'w') as f:
+            json.dump({'info': {'description': 'cavp built-in source', 'seed': seed}, 'images': images, **body}, f)
+    return ann_id
+
+
+def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True,
+                 workers=None):
+    """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
+    captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
+    16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long). Every image and clip draws
+    from its own seed (seed, image id) / (seed, class, clip), so the files are the same whatever the number
+    of worker processes (default: one per CPU core, at most 8)."""
+    coco, audio = os.path.join(root, 'coco'), os.path.join(root, 'audio')
+    cat_ids = {**{c: vpo.COCO_IDS[c] for c in LOOKS}, **DISTRACTORS}   # male/female/baby -> 1 'person'
+    categories = sorted({(i, 'person' if c in CAPTION_WORD else c) for c, i in cat_ids.items()})
+    os.makedirs(os.path.join(coco, 'annotations'), exist_ok=True)
+    splits = (('train2017', range(1, n_train + 1)), ('val2017', range(n_train + 1, n_train + n_val + 1)))
+    clips = [(seed, k, j, audio) for k in range(1, len(vpo.VPO_CLASSES))
+             for j in range(max(clips_per_class, 2 * len(vpo.TABLE7[vpo.VPO_CLASSES[k]])))]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    # fork (as DataLoader workers do on Linux): the workers only run numpy / PIL / soundfile, and a spawned
+    # child would re-import the caller's __main__, which fails for stdin scripts and notebooks
+    ctx = multiprocessing.get_context('fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn')
+    pool = ctx.Pool(workers) if workers > 1 else None
+    imap = functools.partial(pool.imap, chunksize=8) if pool else map
+    try:
+        ann_id = 1
+        for split, ids in splits:
+            ann_id = _write_coco_split(coco, split, ids, seed, cat_ids, categories, image_size, imap, ann_id)
+        for _ in imap(_write_clip, clips):
+            pass
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return coco, audio
+
+
+def _cache_ready(root, params, sized):
+    """Whether root holds a complete built-in cache for params: its stamp builtin.json (written last) matches
+    them, or, when the caller named no size (`sized` False), matches their version and seed."""
+    stamp = os.path.join(root, 'builtin.json')
+    if not (os.path.isfile(stamp) and os.path.isfile(os.path.join(root, 'vpo', 'meta.json'))):
+        return False
+    try:
+        old = _load_json(stamp)
+    except ValueError:   # a damaged stamp: the cache is rebuilt
+        return False
+    return isinstance(old, dict) and (old == params or (not sized and all(old.get(k) == params[k]
+                                                                          for k in ('version', 'seed'))))
+
+
+def ensure_builtin(root=None, *, data_seed=0, progress=True, **size):
+    """The built-in VPO tree under root, generated from data_seed on first use and reused; regenerated when
+    data_seed, the sizes asked for, or BUILTIN_VERSION change. A call that names no size takes whatever size
+    is cached (tests and smoke runs build smaller ones). root None: data/ beside the code for data seed 0,
+    data/seed<N>/ for data seed N, so caches of different data seeds never overwrite each other.
+    Generation holds an exclusive lock on root/builtin.lock: a process that starts while another generates
+    waits, then finds the cache complete and uses it. Returns the VPO root (root/vpo)."""
+    root = root or os.path.join(HERE, 'data', *([f'seed{data_seed}'] if data_seed else []))
+    params = {'version': BUILTIN_VERSION, 'seed': data_seed, **BUILTIN_SIZE, **size}
+    out = os.path.join(root, 'vpo')
+    if _cache_ready(root, params, bool(size)):
+        return out
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, 'builtin.lock'), 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+        if _cache_ready(root, params, bool(size)):   # built by another process while this one waited
+            return out
+        stamp = os.path.join(root, 'builtin.json')
+        if os.path.exists(stamp):
+            os.remove(stamp)   # incomplete from here until the new stamp
+        for sub in ('coco', 'audio', 'vpo'):
+            shutil.rmtree(os.path.join(root, sub), ignore_errors=True)
+        t0 = time.time()
+        if progress:
+            print(f'building the built-in source in {root} ({params}) ...', flush=True)
+        coco, audio = make_builtin(root, seed=data_seed, progress=progress, **{k: params[k] for k in BUILTIN_SIZE})
+        vpo.build(coco, audio, out, seed=data_seed, progress=progress)
+        with open(stamp + '.tmp', 'w') as f:
+            json.dump(params, f)
+        os.replace(stamp + '.tmp', stamp)
+        if progress:
+            print(f'built-in source ready in {time.time() - t0:.1f} s', flush=True)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
 # CLI: a look at the data, and the loader's throughput
 
-
 def preview(ds, n, path):
     """A PNG of n samples: image | label overlay | log-mel of each audio plane (low frequencies at the bottom)."""
-    rows = []
+    if not len(ds):
+        raise ValueError(f'{ds.subset} {ds.split} has no samples: nothing to preview')
+    rows, colour = [], palette()
     for i in range(min(n, len(ds))):
         s = ds.load(i)
         img = ((s['image'].permute(1, 2, 0).numpy() * STD + MEAN).clip(0, 1) * 255).astype(np.uint8)
         y = s['label'].numpy()
-        colour = np.array([[(37 * c) % 255, (91 * c) % 255, (173 * c) % 255] for c in range(256)], np.uint8)
         over = np.where((y > 0)[..., None], 0.4 * img + 0.6 * colour[y], img).astype(np.uint8)
         over[y == 255] = 255
         panels = [Image.fromarray(img), Image.fromarray(over)]
@@ -888,14 +1046,12 @@ def preview(ds, n, path):
             m = ((m - m.min()) / (np.ptp(m) + 1e-8) * 255).astype(np.uint8)
             panels.append(Image.fromarray(m).resize((img.shape[1], img.shape[0])))
         rows.append(panels)
-    W = sum(p.width for p in rows[0]) + 4 * len(rows[0])
-    H = sum(r[0].height + 16 for r in rows)
-    sheet = Image.new('RGB', (W, H), 'white')
+    sheet = Image.new('RGB', (sum(p.width + 4 for p in rows[0]), sum(r[0].height + 16 for r in rows)), 'white')
     draw, y0 = ImageDraw.Draw(sheet), 0
     for i, panels in enumerate(rows):
         row = ds.rows[i]
-        sounding = [f"{o['cls']} (alpha {o['alpha']:.2f})" for o in row['objects'] if o['sounding']]
-        draw.text((2, y0 + 2), f"{row['id']}: sounding {', '.join(sounding)} | panels: image, label, log-mel L, R", fill='black')
+        sounding = ', '.join(f"{o['cls']} (alpha {o['alpha']:.2f})" for o in row['objects'] if o['sounding'])
+        draw.text((2, y0 + 2), f"{row['id']}: sounding {sounding} | panels: image, label, log-mel L, R", fill='black')
         x0 = 0
         for p in panels:
             sheet.paste(p.convert('RGB'), (x0, y0 + 16))
@@ -909,12 +1065,14 @@ def bench_loader(n, *, workers, crop, seconds, seed=0):
     """Training samples/s of one DataLoader at the paper's setting (crop, 3 s stereo) on 640 x 480 JPEGs."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        coco, audio = make_builtin(tmp, seed=seed, n_train=48, n_val=8, clips_per_class=4, image_size=(640, 480), progress=False)
+        coco, audio = make_builtin(tmp, seed=seed, n_train=48, n_val=8, clips_per_class=4, image_size=(640, 480),
+                                   progress=False)
         vpo.build(coco, audio, os.path.join(tmp, 'vpo'), seed=seed, progress=False)
-        ds = VPODataset(os.path.join(tmp, 'vpo'), 'vpo_ss', 'train', train=True, crop=crop, audio_seconds=seconds, seed=seed)
+        ds = VPODataset(os.path.join(tmp, 'vpo'), 'vpo_ss', 'train', train=True, crop=crop, audio_seconds=seconds,
+                        seed=seed)
         keys = [(e, i) for e in range(-(-(n + 32) // len(ds))) for i in range(len(ds))][:n + 32]
-        loader = torch.utils.data.DataLoader(keys, batch_size=8, num_workers=workers,
-                                             collate_fn=lambda ks: torch.utils.data.default_collate([ds[k] for k in ks]))
+        collate = lambda ks: torch.utils.data.default_collate([ds[k] for k in ks])
+        loader = torch.utils.data.DataLoader(keys, batch_size=8, num_workers=workers, collate_fn=collate)
         it = iter(loader)
         for _ in range(4):   # warm-up: worker start, first decodes
             next(it)
@@ -924,33 +1082,40 @@ def bench_loader(n, *, workers, crop, seconds, seed=0):
         return seen / (time.perf_counter() - t0)
 
 
-def main():
-    p = argparse.ArgumentParser(description='Look at a VPO subset: summary and a preview PNG (image, label, stereo log-mel).')
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Look at a VPO subset: summary and a preview PNG (image, label, '
+                                            'stereo log-mel).')
     p.add_argument('--data', default='vpo_msmi', choices=VPO_SUBSETS, help='subset')
     p.add_argument('--root', default=None, help='VPO folder, official release or built-in cache (default data/)')
+    p.add_argument('--data-seed', type=int, default=0, help='seed of the built-in source (no --root)')
     p.add_argument('--split', default='train', choices=['train', 'val', 'test'], help='split to preview')
     p.add_argument('--n', type=int, default=4, help='samples in the preview')
     p.add_argument('--out', default=None, help='preview PNG (default <data>_<split>_preview.png)')
     p.add_argument('--audio-seconds', type=float, default=3.0, help='audio window of the preview')
-    p.add_argument('--bench-loader', type=int, default=0, help='time N training samples (paper setting, 640x480 JPEGs) and exit')
+    p.add_argument('--bench-loader', type=int, default=0,
+                   help='time N training samples (paper setting, 640x480 JPEGs) and exit')
     p.add_argument('--workers', type=int, default=1, help='loader processes for --bench-loader')
     p.add_argument('--crop', type=int, default=512, help='train crop for --bench-loader')
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.bench_loader:
         sps = bench_loader(a.bench_loader, workers=a.workers, crop=a.crop, seconds=a.audio_seconds)
-        print(f'{sps:.1f} training samples/s with {a.workers} worker(s): crop {a.crop}, {a.audio_seconds:g} s stereo, 640x480 JPEGs')
+        print(f'{sps:.1f} training samples/s with {a.workers} worker(s): crop {a.crop}, '
+              f'{a.audio_seconds:g} s stereo, 640x480 JPEGs')
         return
-    path, _ = resolve_root(a.data, a.root)
-    summary = os.path.join(path, 'summary.json')
-    if os.path.exists(summary):
-        vpo.print_summary(json.load(open(summary)))
-    for split in ('train', 'val', 'test'):
-        ds = build_dataset(a.data, a.root, split, audio_seconds=a.audio_seconds)
-        n_src = [sum(o['sounding'] for o in r['objects']) for r in ds.rows]
-        print(f'{a.data} {split}: {len(ds)} samples, {len({r["image_id"] for r in ds.rows})} images, '
-              f'{np.mean(n_src) if n_src else 0:.2f} sounding objects per sample')
-    ds = build_dataset(a.data, a.root, a.split, audio_seconds=a.audio_seconds)
-    print('preview ->', preview(ds, a.n, a.out or f'{a.data}_{a.split}_preview.png'))
+    try:
+        path, _ = resolve_root(a.data, a.root, data_seed=a.data_seed)
+        if os.path.exists(os.path.join(path, 'summary.json')):
+            vpo.print_summary(_load_json(os.path.join(path, 'summary.json')))
+        sets = {s: build_dataset(a.data, a.root, s, audio_seconds=a.audio_seconds, data_seed=a.data_seed)
+                for s in ('train', 'val', 'test')}
+        for split, ds in sets.items():
+            n_src = [sum(o['sounding'] for o in r['objects']) for r in ds.rows]
+            print(f'{a.data} {split}: {len(ds)} samples, {len({r["image_id"] for r in ds.rows})} images, '
+                  f'{np.mean(n_src) if n_src else 0:.2f} sounding objects per sample')
+        print('preview ->', preview(sets[a.split], a.n, a.out or f'{a.data}_{a.split}_preview.png'))
+    except (ValueError, OSError, KeyError, RuntimeError) as e:   # bad input: one line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == '__main__':

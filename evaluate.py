@@ -1,10 +1,12 @@
 """Evaluation: the paper's dataset-level metrics, AVSBench-style per-image J and F, audio probes that
-turn the paper's qualitative figures into numbers, and pictures (Sec. 5.1, Tables 3-4, 8-11, Figs. 1,
-7, 10-14, App. C).
+turn the paper's qualitative figures into numbers, pictures (Sec. 5.1, Tables 3-4, 8-11, Figs. 1, 7,
+10-14, App. C), a table of runs over seeds, and a prediction for your own image and sound.
 
-    python evaluate.py --data vpo_ss --ckpt runs/<name>/best.pt [--root DIR] [--vis 8] [--mono]
+    python evaluate.py --ckpt runs/<name>/best.pt [--data vpo_ss] [--root DIR] [--vis 8]
+    python evaluate.py --summary runs/a_s0 runs/a_s1 runs/b_s0 ...      # mean +- std per setting
+    python evaluate.py --ckpt runs/<name>/best.pt --image photo.jpg --audio dog.wav car.flac [--alpha 0.2]
 
-Everything streams over the test split one image at a time (batch 1, App. B.1; the image at the dataset's
+Evaluation streams over the test split one image at a time (batch 1, App. B.1; the image at the dataset's
 test_scale, 1 = original resolution, the labels and so the metrics always at original resolution): only a
 confusion matrix and running sums are kept, so memory does not grow with the dataset.
 train.py validates with confusion_matrix / semantic_scores, tests with evaluate() and prints format_table().
@@ -12,11 +14,19 @@ train.py validates with confusion_matrix / semantic_scores, tests with evaluate(
 import argparse
 import json
 import os
+import pickle
+import re
+import statistics
+import sys
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
+
+import data
+import vpo
 
 # -----------------------------------------------------------------------------------------------
 # metrics: pure functions over a bincount confusion matrix (Sec. 5.1)
@@ -124,7 +134,8 @@ def format_table(metrics, classes):
 def summary(m):
     """One line with the headline numbers (in %), None shown as '-'."""
     fmt = lambda k: '-' if m.get(k) is None else f'{100 * m[k]:.2f}'
-    keys = ('miou', 'fbeta', 'fdr', 'J', 'F', 'cf_miou', 'halluc_silence', 'halluc_noise', 'stereo_acc', 'stereo_swap_acc')
+    keys = ('miou', 'fbeta', 'fdr', 'J', 'F', 'cf_miou', 'halluc_silence', 'halluc_noise', 'stereo_acc',
+            'stereo_swap_acc')
     return f"n={m['n']} " + ' '.join(f'{k}={fmt(k)}' for k in keys)
 
 # -----------------------------------------------------------------------------------------------
@@ -161,7 +172,7 @@ def mirror_pair(objects):
     return None
 
 # -----------------------------------------------------------------------------------------------
-# evaluation loop
+# evaluation over a split: metrics, probes and pictures, fed by one loop
 
 
 def runner(model, x, amp, size=None):
@@ -180,8 +191,9 @@ def runner(model, x, amp, size=None):
         k = audios.shape[0]
         with amp():
             if split:
-                z, attn = model.fuse(v['u_v'].expand(k, -1, -1, -1), model.forward_audio(audios))  # z: (k, D, h, w)
-                logits = model.classify(z, size)                                                   # (k, C, H, W)
+                u_v = v['u_v'].expand(k, -1, -1, -1)                                  # k, D, h, w
+                z, attn = model.fuse(u_v, model.forward_audio(audios))                # z: k, D, h, w
+                logits = model.classify(z, size)                                      # k, C, H, W
             else:
                 out = model(x.expand(k, -1, -1, -1), audios)
                 logits, attn = out['logits'], out['attn']
@@ -191,128 +203,155 @@ def runner(model, x, amp, size=None):
     return run
 
 
+class SplitMetrics:
+    """Running sums over a split (Sec. 5.1): the confusion matrix, and per-image J and F of binary
+    foreground (predicted fg = argmax != 0, fg = label in 1..C-1, label 255 pixels not scored)."""
+
+    def __init__(self, num_classes):
+        self.C = num_classes
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.j_sum, self.j_n, self.f_sum, self.f_n = 0.0, 0, 0.0, 0
+
+    def add(self, logits, label):
+        """logits (1, C, H, W) float, label (1, H, W) on the same device."""
+        pred = logits.argmax(1)                                                       # 1, H, W
+        self.conf += confusion_matrix(pred, label, self.C).cpu()
+        valid, gt = label != 255, (label != 0) & (label != 255)
+        j = mask_iou(pred != 0, gt, valid)
+        f = f_score(1 - logits.softmax(1)[:, 0], gt, valid=valid)
+        self.j_sum, self.j_n = self.j_sum + j.nansum().item(), self.j_n + (~j.isnan()).sum().item()
+        self.f_sum, self.f_n = self.f_sum + f.nansum().item(), self.f_n + (~f.isnan()).sum().item()
+
+    def per_image(self):
+        return dict(J=self.j_sum / self.j_n if self.j_n else None, F=self.f_sum / self.f_n if self.f_n else None)
+
+
+class Probes:
+    """The audio probes (Figs. 1, 13, 14) on datasets with `load` and `rows` (VPODataset). Each takes the
+    image with another audio, a re-mix of its own clips:
+      cf      counterfactual (Figs. 1, 14): images with >= 2 VPO classes get the audio of
+              counterfactual_class() (load(i, sounding=its objects)), scored against its instances
+      silence, noise   hallucination: share of all pixels predicted foreground under load(i, audio=...)
+      swap    stereo (Fig. 13), VPO-MSMI with two channels only, on mirror_pair() samples: with the
+              original audio, does the class-c prediction cover a larger fraction of the sounding instance
+              s than of its mirror m; with L and R swapped (load(i, swap=True)), does it move to m.
+    Re-choosing the sounding objects (cf, swap) needs the instance map, which the official release lacks."""
+
+    def __init__(self, dataset, enabled=True):
+        self.dataset, self.C = dataset, dataset.num_classes
+        self.on = enabled and hasattr(dataset, 'load') and hasattr(dataset, 'rows')
+        self.stereo = None   # decided on the first sample: two channels (Sec. 3) and MSMI
+        self.conf_cf, self.cf_n = torch.zeros(self.C, self.C, dtype=torch.int64), 0
+        self.fg_px, self.total_px = {'silence': 0, 'noise': 0}, 0
+        self.stereo_n, self.stereo_hit, self.swap_hit = 0, 0, 0
+
+    def samples(self, i, sample):
+        """{name: sample dict} of sample i's probe audios, in batch order; 'cf' carries its class in
+        'cls', 'swap' its mirror_pair in 'pair'. Empty when the probes are off."""
+        if not self.on:
+            return {}
+        if self.stereo is None:
+            self.stereo = sample['audio'].shape[0] == 2 and getattr(self.dataset, 'subset', None) == 'vpo_msmi'
+        load, row = self.dataset.load, self.dataset.rows[i]
+        objects, rechoose = row['objects'], bool(row.get('inst'))
+        out = {}
+        c = counterfactual_class(objects) if rechoose else None
+        if c is not None:   # Figs. 1, 14: another present class's audio; its instances are the target
+            out['cf'] = {**load(i, sounding=[k for k, o in enumerate(objects) if o['cls'] == c]), 'cls': c}
+        for kind in ('silence', 'noise'):
+            out[kind] = load(i, audio=kind)
+        pair = mirror_pair(objects) if self.stereo and rechoose else None
+        if pair is not None:   # Fig. 13: L and R swapped, image unchanged
+            out['swap'] = {**load(i, swap=True), 'pair': pair}
+        return out
+
+    def add(self, i, label, preds, samples):
+        """label (1, H, W); preds: {name: (1, H, W) prediction} for 'original' and every probe sample."""
+        if 'cf' in samples:
+            self.conf_cf += confusion_matrix(preds['cf'], samples['cf']['label'][None].to(label.device), self.C).cpu()
+            self.cf_n += 1
+        if self.on:
+            for kind in self.fg_px:
+                self.fg_px[kind] += (preds[kind] != 0).sum().item()
+            self.total_px += label.numel()
+        if 'swap' in samples:
+            self._add_stereo(i, label, preds['original'][0], preds['swap'][0], samples['swap']['pair'])
+
+    def _add_stereo(self, i, label, pred, pred_swap, pair):
+        """Instance masks of s (its class in the label) and m (load with m sounding); pred (H, W)."""
+        s, m = pair
+        k = self.dataset.classes.index(self.dataset.rows[i]['objects'][s]['cls'])
+        inst_s = label[0] == k
+        inst_m = self.dataset.load(i, sounding=[m])['label'].to(label.device) == k
+        cover = lambda p, mask: (p & mask).sum().item() / max(mask.sum().item(), 1)
+        self.stereo_n += 1
+        self.stereo_hit += cover(pred == k, inst_s) > cover(pred == k, inst_m)
+        self.swap_hit += cover(pred_swap == k, inst_m) > cover(pred_swap == k, inst_s)
+
+    def result(self):
+        frac = lambda a, b: a / b if b else None
+        return dict(cf_miou=semantic_scores(self.conf_cf)['miou'] if self.conf_cf.sum() else None, cf_n=self.cf_n,
+                    halluc_silence=frac(self.fg_px['silence'], self.total_px),
+                    halluc_noise=frac(self.fg_px['noise'], self.total_px),
+                    stereo_acc=frac(self.stereo_hit, self.stereo_n),
+                    stereo_swap_acc=frac(self.swap_hit, self.stereo_n), stereo_n=self.stereo_n)
+
+
 @torch.inference_mode()
-def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_dir=None, max_samples=None, progress=True):
+def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_dir=None, max_samples=None,
+             progress=True):
     """Stream over `dataset` (batch 1, metrics at label resolution) and return a metrics dict (fractions in [0, 1]):
       miou, fbeta, fdr, per_class            semantic_scores of the summed confusion matrix (Sec. 5.1)
-      J, F                                   means over images of mask_iou / f_score of binary foreground:
-                                             predicted fg = argmax != 0, fg = label in 1..C-1, label 255
-                                             pixels are not scored (empty-gt / all-ignore images: see there)
-      cf_miou, cf_n                          counterfactual (Figs. 1, 14): images with >= 2 VPO classes get the
-                                             audio of counterfactual_class() (dataset.load(i, sounding=its
-                                             objects)) and are scored against its instances; dataset-level mIoU
-      halluc_silence, halluc_noise           share of all pixels predicted foreground under load(i, audio=...)
-      stereo_acc, stereo_swap_acc, stereo_n  VPO-MSMI, stereo only (else None), on mirror_pair() samples: with
-                                             the original audio, the share whose class-c prediction covers a
-                                             larger fraction of the sounding instance s than of its mirror m;
-                                             with L/R swapped (load(i, swap=True)), the share where it moves:
-                                             covers a larger fraction of m than of s
+      J, F                                   means over images of mask_iou / f_score (SplitMetrics; empty-gt and
+                                             all-ignore images: see there)
+      classes, n                             class names, samples evaluated
+      cf_miou, cf_n                          counterfactual probe: dataset-level mIoU over its samples (Probes)
+      halluc_silence, halluc_noise           share of all pixels predicted foreground under silence / noise
+      stereo_acc, stereo_swap_acc, stereo_n  stereo probe, stereo VPO-MSMI only (else None)
     vis > 0 writes PNGs of the first `vis` samples to vis_dir. Probe values are None when no sample
     qualifies or probes=False. The model's train/eval mode is restored afterwards."""
     if vis and not vis_dir:
         raise ValueError('evaluate: vis > 0 needs vis_dir')
     device = torch.device(device)
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    C, classes = dataset.num_classes, list(dataset.classes)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    has_load = probes and hasattr(dataset, 'load') and hasattr(dataset, 'rows')
-    conf, conf_cf, cf_n = torch.zeros(C, C, dtype=torch.int64), torch.zeros(C, C, dtype=torch.int64), 0
-    j_sum, j_n, f_sum, f_n = 0.0, 0, 0.0, 0
-    fg_px = {'silence': 0, 'noise': 0}
-    total_px = 0
-    stereo, stereo_n, stereo_hit, swap_hit = None, 0, 0, 0
+    metrics, probe = SplitMetrics(dataset.num_classes), Probes(dataset, probes)
     was_training = model.training
     model.eval()
-    it = range(n)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc='evaluate', dynamic_ncols=True)
-    for i in it:
-        s = dataset[i]
-        x, label = s['image'][None].to(device), s['label'][None].to(device)   # (1, 3, H, W), (1, H, W)
-        if stereo is None:  # decided on the first sample: the probe needs two channels (Sec. 3) and MSMI
-            stereo = has_load and s['audio'].shape[0] == 2 and getattr(dataset, 'subset', None) == 'vpo_msmi'
-        run = runner(model, x, amp, label.shape[-2:])
-        # The probes' audio inputs (each a re-mix of this image's clips) go through the model in one batch
-        # with the original: the image branch runs once, the audio branch and f_CA once per batch.
-        objects = dataset.rows[i]['objects'] if has_load else []
-        # re-choosing the sounding objects needs the instance map; the official release has none
-        rechoose = has_load and bool(dataset.rows[i].get('inst'))
-        c = counterfactual_class(objects) if rechoose else None
-        pair = mirror_pair(objects) if stereo and rechoose else None
-        extra = {}   # probe name -> sample dict
-        if c is not None:  # Figs. 1, 14: another present class's audio; its instances are the target
-            extra['cf'] = dataset.load(i, sounding=[k for k, o in enumerate(objects) if o['cls'] == c])
-        if has_load:
-            for kind in ('silence', 'noise'):
-                extra[kind] = dataset.load(i, audio=kind)
-        if pair is not None:  # Fig. 13: L and R swapped, image unchanged
-            extra['swap'] = dataset.load(i, swap=True)
-        logits_all, attn = run(torch.stack([s['audio']] + [e['audio'] for e in extra.values()]).to(device))
-        preds = dict(zip(extra, logits_all[1:].argmax(1, keepdim=True)))   # name -> (1, H, W)
-        logits, attn = logits_all[:1], attn[:1]
-        pred = logits.argmax(1)                                              # (1, H, W)
-        conf += confusion_matrix(pred, label, C).cpu()
-        valid, gt = label != 255, (label != 0) & (label != 255)
-        j = mask_iou(pred != 0, gt, valid)
-        f = f_score(1 - logits.softmax(1)[:, 0], gt, valid=valid)
-        j_sum, j_n = j_sum + j.nansum().item(), j_n + (~j.isnan()).sum().item()
-        f_sum, f_n = f_sum + f.nansum().item(), f_n + (~f.isnan()).sum().item()
-        audio_preds = [('original', pred)]
-        if c is not None:
-            conf_cf += confusion_matrix(preds['cf'], extra['cf']['label'][None].to(device), C).cpu()
-            cf_n += 1
-            audio_preds.append((c, preds['cf']))
-        if has_load:
-            for kind in ('silence', 'noise'):
-                fg_px[kind] += (preds[kind] != 0).sum().item()
-                audio_preds.append((kind, preds[kind]))
-            total_px += pred.numel()
-        if pair is not None:  # instance masks of s (its class in the label) and m (load with m sounding)
-            k = classes.index(objects[pair[0]]['cls'])
-            inst_s, inst_m = label[0] == k, dataset.load(i, sounding=[pair[1]])['label'].to(device) == k
-            pred_sw = preds['swap'][0] == k
-            cover = lambda p, m: (p & m).sum().item() / max(m.sum().item(), 1)
-            stereo_n += 1
-            stereo_hit += cover(pred[0] == k, inst_s) > cover(pred[0] == k, inst_m)
-            swap_hit += cover(pred_sw, inst_m) > cover(pred_sw, inst_s)
-        if i < vis:
-            save_picture(os.path.join(vis_dir, f'{i:05d}.png'), s['image'], s['label'], pred[0],
-                         _attn_map(attn, tuple(label.shape[-2:])), audio_preds, classes)
-    model.train(was_training)
-    m = semantic_scores(conf)
-    m.update(classes=classes, n=n, J=j_sum / j_n if j_n else None, F=f_sum / f_n if f_n else None,
-             cf_miou=semantic_scores(conf_cf)['miou'] if conf_cf.sum() else None, cf_n=cf_n,
-             halluc_silence=fg_px['silence'] / total_px if total_px else None,
-             halluc_noise=fg_px['noise'] / total_px if total_px else None,
-             stereo_acc=stereo_hit / stereo_n if stereo_n else None,
-             stereo_swap_acc=swap_hit / stereo_n if stereo_n else None, stereo_n=stereo_n)
+    try:
+        for i in _progress(range(n), progress):
+            s = dataset[i]
+            x, label = s['image'][None].to(device), s['label'][None].to(device)   # (1, 3, H, W), (1, H, W)
+            extra = probe.samples(i, s)
+            # the original and every probe audio in one batch: the image branch runs once
+            audios = torch.stack([s['audio']] + [e['audio'] for e in extra.values()]).to(device)  # 1 + k, A, T, F
+            logits, attn = runner(model, x, amp, label.shape[-2:])(audios)        # 1 + k, C, H, W
+            preds = dict(zip(['original', *extra], logits.argmax(1, keepdim=True)))   # name -> (1, H, W)
+            metrics.add(logits[:1], label)
+            probe.add(i, label, preds, extra)
+            if i < vis:
+                # panels: the original, the counterfactual (titled by its class), silence and noise
+                audio_preds = [(extra.get(k, {}).get('cls', k), p) for k, p in preds.items() if k != 'swap']
+                save_picture(os.path.join(vis_dir, f'{i:05d}.png'), s['image'], s['label'], preds['original'][0],
+                             _attn_map(attn[:1], tuple(label.shape[-2:])), audio_preds, list(dataset.classes))
+    finally:
+        model.train(was_training)
+    m = semantic_scores(metrics.conf)
+    m.update(classes=list(dataset.classes), n=n, **metrics.per_image(), **probe.result())
     return m
+
+
+def _progress(it, on):
+    if not on:
+        return it
+    from tqdm import tqdm   # only where a bar is shown
+    return tqdm(it, desc='evaluate', dynamic_ncols=True)
 
 # -----------------------------------------------------------------------------------------------
 # pictures (App. C, Figs. 1, 10-14): PIL only
 
 
-IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 PANEL_W, TITLE_H = 320, 14
-
-
-def palette(n=256):
-    """(256, 3) uint8 colours: the PASCAL VOC scheme (bits of the class index spread over R, G, B);
-    0 = black background, 255 = white ignore."""
-    pal = np.zeros((256, 3), np.uint8)
-    for c in range(n):
-        k, rgb = c, [0, 0, 0]
-        for bit in range(7, -1, -1):
-            for ch in range(3):
-                rgb[ch] |= ((k >> ch) & 1) << bit
-            k >>= 3
-        pal[c] = rgb
-    pal[255] = 255
-    return pal
-
-
-PALETTE = palette()
 
 
 def _panel(rgb, title, nearest):
@@ -326,6 +365,17 @@ def _panel(rgb, title, nearest):
     return out
 
 
+def _grid(rows):
+    """Rows of panels -> one white canvas, rows stacked, panels left to right."""
+    canvas = Image.new('RGB', (PANEL_W * max(len(r) for r in rows), sum(r[0].height for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        for k, p in enumerate(r):
+            canvas.paste(p, (k * PANEL_W, y))
+        y += r[0].height
+    return canvas
+
+
 def _attn_map(attn, size):
     """The fusion's attention (Sec. 4.1: sigmoid(q k^T / sqrt(d)) of each pixel query against the one audio
     token), (1, heads, h, w), as an (H, W) map for display: mean over heads, bilinear-upsampled, min-max
@@ -336,115 +386,370 @@ def _attn_map(attn, size):
     return (a - lo) / max(hi - lo, 1e-12), lo, hi
 
 
+def _heat_panel(attn_map, title):
+    a, lo, hi = attn_map
+    v = a.cpu().numpy()
+    heat = np.stack([v * 3, v * 3 - 1, v * 3 - 2], -1).clip(0, 1)        # black-red-yellow-white
+    return _panel((heat * 255).astype(np.uint8), f'{title} [{lo:.2f}, {hi:.2f}]', False)
+
+
+def _names(pred, classes):
+    return ', '.join(classes[k] for k in pred.unique().tolist() if 0 < k < len(classes)) or 'none'
+
+
 def save_picture(path, image, label, pred, attn_map, audio_preds, classes):
     """One PNG per sample: image | ground truth | prediction | attention map (_attn_map's triple or
     None), and below, when the probes ran, the prediction under each audio: [(name, (1, H, W) pred)]
     for the original, the counterfactual class, silence and noise."""
-    img = image.float().cpu().permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN    # H, W, 3
-    names = lambda m: ', '.join(classes[k] for k in m.unique().tolist() if 0 < k < len(classes)) or 'none'
+    img = image.float().cpu().permute(1, 2, 0).numpy() * data.STD + data.MEAN          # H, W, 3
+    pal = data.palette()
     gt, pr = label.cpu(), pred.cpu()
     row = [_panel((img.clip(0, 1) * 255).astype(np.uint8), 'image', False),
-           _panel(PALETTE[gt.numpy()], f'GT: {names(gt)}', True),
-           _panel(PALETTE[pr.numpy()], f'pred: {names(pr)}', True)]
+           _panel(pal[gt.numpy()], f'GT: {_names(gt, classes)}', True),
+           _panel(pal[pr.numpy()], f'pred: {_names(pr, classes)}', True)]
     if attn_map is not None:
-        a, lo, hi = attn_map
-        v = a.cpu().numpy()
-        heat = np.stack([v * 3, v * 3 - 1, v * 3 - 2], -1).clip(0, 1)   # black-red-yellow-white
-        row.append(_panel((heat * 255).astype(np.uint8), f'attn [{lo:.2f}, {hi:.2f}]', False))
+        row.append(_heat_panel(attn_map, 'attn'))
     rows = [row]
     if len(audio_preds) > 1:
-        rows.append([_panel(PALETTE[p[0].cpu().numpy()], f'audio {a}: {names(p[0].cpu())}', True) for a, p in audio_preds])
-    W = PANEL_W * max(len(r) for r in rows)
-    H = sum(r[0].height for r in rows)
-    canvas = Image.new('RGB', (W, H), (255, 255, 255))
-    y = 0
-    for r in rows:
-        for k, p in enumerate(r):
-            canvas.paste(p, (k * PANEL_W, y))
-        y += r[0].height
+        rows.append([_panel(pal[p[0].cpu().numpy()], f'audio {a}: {_names(p[0].cpu(), classes)}', True)
+                     for a, p in audio_preds])
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    canvas.save(path)
+    _grid(rows).save(path)
 
 # -----------------------------------------------------------------------------------------------
-# checkpoint (SPEC.md Addendum) and CLI
+# checkpoints: tensors and plain Python values only, read without running code
 
-CKPT_KEYS = ('data', 'num_classes', 'mono', 'backbone', 'output_stride', 'attn', 'heads')
+
+CKPT_KEYS = ('data', 'num_classes', 'mono', 'backbone', 'output_stride', 'attn', 'heads', 'audio_seconds')
 CKPT_OPTIONAL = ('dim', 'audio_backbone')  # passed when saved, else CAVP's defaults
 
 
-def load_checkpoint(path, device, *, data=None, num_classes=None, mono=None):
-    """(model in eval mode on device, args dict) from a train.py checkpoint, CAVP rebuilt from
-    ckpt['args'] and loaded strictly (official-code bug 7: no silent strict=False). data / num_classes /
-    mono, when given, must match what the checkpoint was trained with; errors name what differs."""
+def read_checkpoint(path, *, flag='--ckpt'):
+    """The dict of a train.py checkpoint, read with torch.load(weights_only=True): tensors and plain Python
+    values only (dict, list, tuple, str, int, float, bool, None), so loading it cannot run code. Bad files
+    raise one line naming `flag` and path: FileNotFoundError when missing, else ValueError (empty,
+    truncated or corrupt, holding pickled Python objects, not a dict with 'model' and 'args', or model
+    weights with a NaN / inf, where the first such tensor is named)."""
+    where = f'{flag} {path}'
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'--ckpt {path}: no such file')
-    # weights_only=False: our checkpoints also hold numpy RNG state; load only checkpoints you trust
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'args' not in ckpt:
-        raise ValueError(f"--ckpt {path}: not a train.py checkpoint (needs 'model' and 'args')")
+        raise FileNotFoundError(f'{where}: no such file')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{where}: empty file (0 bytes)')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if refused:
+            raise ValueError(f'{where} holds arbitrary Python objects ({refused.group(1)}); it is refused because '
+                             f'loading it could run code') from None
+        raise ValueError(f'{where}: not a torch checkpoint, or a corrupt one') from None
+    except Exception as e:   # torch.load fails on damaged bytes in many ways (zip reader, EOF, unpickler)
+        raise ValueError(f'{where}: truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:80]})') from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('args'), dict):
+        raise ValueError(f"{where}: not a train.py checkpoint (a dict with a 'model' state dict and an 'args' dict)")
+    for name, w in ckpt['model'].items():
+        if not torch.is_tensor(w):
+            raise ValueError(f'{where}: model entry {name} is a {type(w).__name__}, not a tensor')
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            raise ValueError(f'{where}: model weight {name} has non-finite values (NaN or inf)')
+    return ckpt
+
+
+def load_checkpoint(path, device, *, data=None, num_classes=None, mono=None):
+    """(model in eval mode on device, args dict) from a train.py checkpoint (read_checkpoint), CAVP rebuilt
+    from ckpt['args'] and loaded strictly (no silent strict=False). data / num_classes / mono, when given,
+    must match what the checkpoint was trained with; errors (ValueError) name what differs."""
+    ckpt = read_checkpoint(path)
     args = ckpt['args']
     missing = [k for k in CKPT_KEYS if k not in args]
     if missing:
-        raise KeyError(f'--ckpt {path}: args lack {missing}')
+        raise ValueError(f'--ckpt {path}: its args lack {missing}')
     if mono is not None and args['mono'] != mono:  # Fig. 7 / Table 8: say which flag fixes it
-        raise ValueError(f"--ckpt {path} is a {'mono' if args['mono'] else 'stereo'} checkpoint (mono={args['mono']}): "
-                         f"{'pass' if args['mono'] else 'drop'} --mono")
+        raise ValueError(f"--ckpt {path} is a {'mono' if args['mono'] else 'stereo'} checkpoint "
+                         f"(mono={args['mono']}): {'pass' if args['mono'] else 'drop'} --mono")
     for key, flag, want in (('data', '--data', data), ('num_classes', 'class count', num_classes)):
         if want is not None and args[key] != want:
             raise ValueError(f'--ckpt {path} was trained with {key}={args[key]!r}, but {flag} asks for {want!r}')
-    from model import CAVP  # imported here: the metric functions above need no model code
+    from model import CAVP  # imported here: the metric functions need no model code
     model = CAVP(num_classes=args['num_classes'], backbone=args['backbone'], output_stride=args['output_stride'],
                  audio_channels=1 if args['mono'] else 2, attn=args['attn'], heads=args['heads'],
                  **{k: args[k] for k in CKPT_OPTIONAL if args.get(k) is not None})
     try:
         model.load_state_dict(ckpt['model'])
     except RuntimeError as e:
-        raise RuntimeError(f'--ckpt {path}: its weights do not fit the CAVP rebuilt from its args: {e}') from None
+        raise ValueError(f"--ckpt {path}: its weights do not fit the CAVP rebuilt from its args: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     return model.to(device).eval(), args
 
+# -----------------------------------------------------------------------------------------------
+# --summary: runs over seeds, mean +- std per setting
 
-def main():
-    p = argparse.ArgumentParser(description='Evaluate a CAVP checkpoint: dataset-level mIoU / F_beta / FDR, '
-                                'per-image J / F, audio probes, pictures (Sec. 5.1, App. C).')
+
+SUMMARY_METRICS = ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence', 'stereo_acc', 'stereo_swap_acc')
+# train.py arguments left out when grouping runs: the seed (what a row averages over) and bookkeeping that
+# cannot change a result: where the run is written, its pictures, loader processes (augmentation is a pure
+# function of seed, epoch and index), and resuming (a resumed run continues exactly).
+NOT_A_SETTING = ('seed', 'name', 'out', 'vis', 'workers', 'resume')
+
+
+def read_run(folder):
+    """metrics.json of a train.py run folder (it holds the run's arguments under 'args')."""
+    path = os.path.join(folder, 'metrics.json')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'--summary {folder}: no metrics.json there (not a finished train.py run)')
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--summary {path}: not valid JSON ({e})') from None
+    if not isinstance(m, dict) or not isinstance(m.get('args'), dict):
+        raise ValueError(f"--summary {path}: no 'args' (written by train.py? evaluate.py's own metrics.json has none)")
+    return m
+
+
+def group_runs(runs):
+    """[(setting, [metrics dicts])] in order of first appearance; a setting is a run's args without
+    NOT_A_SETTING, and runs with equal settings share a group."""
+    groups = {}
+    for m in runs:
+        setting = {k: v for k, v in m['args'].items() if k not in NOT_A_SETTING}
+        groups.setdefault(json.dumps(setting, sort_keys=True), (setting, []))[1].append(m)
+    return list(groups.values())
+
+
+def _flag(key, value):
+    """An argument as on the command line: `--contrast none`, `--mono`; unset (False / None) as `(no --x)`."""
+    flag = '--' + key.replace('_', '-')
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f'(no {flag})'
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+
+
+def mean_std(values):
+    """'mean ± std' (sample std, 3 decimals); one value: 'mean ± -'; none: '-'."""
+    if not values:
+        return '-'
+    std = f'{statistics.stdev(values):.3f}' if len(values) > 1 else '-'
+    return f'{statistics.mean(values):.3f} ± {std}'
+
+
+def summary_table(folders):
+    """Markdown: one row per group of runs (group_runs), first the arguments that tell the groups apart,
+    then n and mean ± std of each SUMMARY_METRICS key present (metrics.json units: fractions). A metric
+    that only some runs of a group have is averaged over those, their count in brackets."""
+    runs = [read_run(f) for f in folders]
+    groups = group_runs(runs)
+    keys = sorted({k for setting, _ in groups for k in setting})
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s, _ in groups}) > 1]
+    cols = [k for k in SUMMARY_METRICS if any(m.get(k) is not None for m in runs)]
+    lines = ['| setting | n | ' + ' | '.join(cols) + ' |', '|---|---:|' + '---:|' * len(cols)]
+    for setting, ms in groups:
+        cells = []
+        for k in cols:
+            v = [m[k] for m in ms if m.get(k) is not None]
+            cells.append(mean_std(v) + (f' ({len(v)})' if 0 < len(v) < len(ms) else ''))
+        flags = ' '.join(_flag(k, setting.get(k)) for k in differ) or 'all runs'
+        lines.append(f'| `{flags}` | {len(ms)} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+# -----------------------------------------------------------------------------------------------
+# your own image and sound
+
+
+def _check_file(path, flag):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{flag} {path}: no such file')
+    if os.path.getsize(path) == 0:
+        raise ValueError(f'{flag} {path}: empty file (0 bytes)')
+
+
+def read_image(path):
+    """Any image Pillow opens (RGB, L, RGBA, P, ...) as PIL RGB, turned upright by its EXIF orientation."""
+    _check_file(path, '--image')
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert('RGB')
+    except (OSError, ValueError, SyntaxError) as e:   # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f'--image {path}: not an image Pillow can read ({e})') from None
+
+
+def read_audio(path, seconds):
+    """(channels, L) float32, channels 1 or 2 as recorded, L = seconds at 16 kHz: data.read_clip's centre window,
+    resampling and tiling, keeping the channels."""
+    _check_file(path, '--audio')
+    try:
+        info = sf.info(path)
+    except (RuntimeError, OSError, ValueError, TypeError) as e:   # soundfile's errors are RuntimeErrors
+        raise ValueError(f'--audio {path}: not an audio file soundfile can read ({e})') from None
+    if info.frames == 0:
+        raise ValueError(f'--audio {path}: holds no samples')
+    if info.channels > 2:
+        raise ValueError(f'--audio {path}: {info.channels} channels; expected mono or stereo')
+    try:
+        return data.read_clip(path, seconds, mono=False)
+    except RuntimeError as e:
+        raise ValueError(f'--audio {path}: {e}') from None
+
+
+def audio_input(wave, args, alpha=0.5):
+    """(channels, L) waveform -> the model's (A, T, F) input for a checkpoint's args, as VPODataset builds
+    it: a stereo model pans a mono clip at alpha (vpo.pan: 0 left, 1 right; no interaural delay) and takes a
+    stereo clip as recorded, each channel its own log-mel; a mono model (--mono) averages the channels;
+    AVSBench checkpoints take the VGGish example of the mono window (data.vggish_audio)."""
+    if args['data'] in data.AVSBENCH:
+        return data.vggish_audio(torch.from_numpy(wave.mean(0, keepdims=True)))        # 1, 96, 64
+    if args['mono']:
+        wave = wave.mean(0, keepdims=True)                                             # 1, L
+    elif len(wave) == 1:
+        wave = vpo.pan(wave[0], alpha, sr=data.SR)                                     # 2, L
+    return data.logmel(torch.from_numpy(np.ascontiguousarray(wave)))                   # A, T, 64
+
+
+def image_input(image, args, test_scale=None):
+    """PIL RGB -> (1, 3, h, w) as the test split sees it: AVSBench checkpoints at --resize x --resize when
+    trained so, VPO ones rescaled by test_scale (default the checkpoint's), ImageNet-normalised."""
+    if args['data'] in data.AVSBENCH and args.get('resize'):
+        image = image.resize((args['resize'],) * 2, Image.BILINEAR)
+    else:
+        s = test_scale or args.get('test_scale') or 1.0
+        if s != 1:
+            image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.BILINEAR)
+    return data.normalise(image)[None]
+
+
+def predict_inputs(image_path, clip_paths, args, *, alpha=0.5, test_scale=None):
+    """The network's inputs for one image and k clips: {'image': (1, 3, h, w), 'audio': (k + 1, A, T, F),
+    the clips then silence; 'size': the image's own (H, W); 'rgb': the PIL image}."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f'--alpha {alpha}: expected a position in [0, 1] (0 left, 1 right)')
+    rgb = read_image(image_path)
+    waves = [read_audio(p, args['audio_seconds']) for p in clip_paths]
+    waves.append(np.zeros((1, int(round(args['audio_seconds'] * data.SR))), np.float32))   # silence
+    audio = torch.stack([audio_input(w, args, alpha) for w in waves])                       # k + 1, A, T, F
+    return {'image': image_input(rgb, args, test_scale), 'audio': audio, 'size': (rgb.height, rgb.width), 'rgb': rgb}
+
+
+def class_names(args, root=None):
+    """The checkpoint's class names: VPO's 22, AVSBench S4 / MS3 background / foreground, AVSS from
+    label2idx.json under root (default the checkpoint's --root), else 'class k'. The count must match."""
+    if args['data'] in data.VPO_SUBSETS:
+        names = list(vpo.VPO_CLASSES)
+    elif args['data'] in ('s4', 'ms3'):
+        names = list(data.BINARY_CLASSES)
+    else:
+        path = os.path.join(root or args.get('root') or '', 'label2idx.json')
+        idx = {f'class {k}': k for k in range(args['num_classes'])}
+        if os.path.isfile(path):
+            with open(path) as f:
+                idx = json.load(f)
+        names = sorted(idx, key=idx.get)
+    if len(names) != args['num_classes']:
+        raise ValueError(f"the checkpoint has {args['num_classes']} classes, "
+                         f"but --data {args['data']} has {len(names)}")
+    return names
+
+
+def describe(pred, classes):
+    """'dog 12.3%, cat 4.0%': the classes in an (H, W) prediction, largest share of the image first."""
+    share = torch.bincount(pred.flatten().cpu(), minlength=len(classes)).double() / pred.numel()
+    found = [k for k in share.argsort(descending=True).tolist() if k > 0 and share[k] > 0]
+    return ', '.join(f'{classes[k]} {100 * share[k]:.1f}%' for k in found) or 'nothing (all background)'
+
+
+def prediction_picture(rgb, names, preds, attn, classes):
+    """The image, then one row per audio: the prediction over the image (class names in the title) and
+    the f_CA attention map. preds (k, H, W), attn (k, heads, h, w)."""
+    img = np.asarray(rgb, np.float32)                                               # H, W, 3
+    pal = data.palette().astype(np.float32)
+    rows = [[_panel(np.asarray(rgb), 'image', False)]]
+    for name, p, a in zip(names, preds.cpu(), attn):
+        fg = (p > 0).numpy()[..., None]                                             # H, W, 1
+        over = np.where(fg, 0.45 * img + 0.55 * pal[p.numpy()], img).astype(np.uint8)
+        rows.append([_panel(over, f'{name}: {_names(p, classes)}', False),
+                     _heat_panel(_attn_map(a[None], tuple(p.shape)), f'attn {name}')])
+    return _grid(rows)
+
+
+@torch.inference_mode()
+def predict(model, args, image_path, clip_paths, *, device, alpha=0.5, out='prediction.png', amp_dtype=None,
+            test_scale=None):
+    """Segment image_path under each clip and under silence (one batch, the image branch once), write the
+    picture to `out` and return one line per clip and one for silence: the classes found and their share."""
+    classes = class_names(args)
+    device = torch.device(device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    inp = predict_inputs(image_path, clip_paths, args, alpha=alpha, test_scale=test_scale)
+    logits, attn = runner(model, inp['image'].to(device), amp, inp['size'])(inp['audio'].to(device))
+    preds = logits.argmax(1)                                                        # k + 1, H, W
+    names = [os.path.basename(p) for p in clip_paths] + ['silence']
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+    prediction_picture(inp['rgb'], names, preds, attn.float().cpu(), classes).save(out)
+    return [f'{path}: {describe(p, classes)}' for path, p in zip([*clip_paths, 'silence'], preds)]
+
+# -----------------------------------------------------------------------------------------------
+# CLI
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description='Evaluate a CAVP checkpoint (dataset-level mIoU / F_beta / FDR, per-image '
+                                'J / F, audio probes, pictures; Sec. 5.1, App. C), summarise runs over seeds '
+                                '(--summary), or segment your own image under your own sounds (--image, --audio).')
     # what to evaluate
-    p.add_argument('--ckpt', default=None, help='checkpoint written by train.py, e.g. runs/<name>/best.pt (required)')
-    p.add_argument('--data', default=None, choices=['vpo_ss', 'vpo_ms', 'vpo_msmi', 's4', 'ms3', 'avss'],
+    p.add_argument('--ckpt', default=None, help='checkpoint written by train.py, e.g. runs/<name>/best.pt')
+    p.add_argument('--data', default=None, choices=data.VPO_SUBSETS + data.AVSBENCH,
                    help="dataset; must match the checkpoint's (default: the checkpoint's)")
     p.add_argument('--root', default=None, help="dataset root (default: the checkpoint's --root)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate')
-    p.add_argument('--avss-subsets', nargs='+', default=None, choices=['v1s', 'v1m', 'v2'], help='AVSS only: evaluate these subsets (Table 3 columns)')
-    p.add_argument('--test-scale', type=float, default=None,
-                   help="VPO: resize images by this factor before the network (metrics stay at original resolution); default the checkpoint's")
+    p.add_argument('--avss-subsets', nargs='+', default=None, choices=['v1s', 'v1m', 'v2'],
+                   help='AVSS only: evaluate these subsets (Table 3 columns)')
+    p.add_argument('--test-scale', type=float, default=None, help='VPO: resize images by this factor before the '
+                   "network (metrics and predictions stay at original resolution); default the checkpoint's")
     p.add_argument('--mono', action='store_true',
                    help='evaluate a mono checkpoint (Fig. 7 / Table 8); must match how the checkpoint was trained')
     # probes and outputs
     p.add_argument('--no-probes', action='store_true', help='skip the counterfactual / hallucination / stereo probes')
     p.add_argument('--vis', type=int, default=0, help='write PNGs for the first N samples')
     p.add_argument('--max-samples', type=int, default=None, help='evaluate only the first N samples (smoke tests)')
-    p.add_argument('--out', default=None, help='output folder (default: <ckpt folder>/eval_<data>_<split>)')
+    p.add_argument('--out', default=None, help='evaluation: output folder (default <ckpt folder>/eval_<data>_<split>); '
+                   'with --image: the picture (default prediction.png)')
+    # runs over seeds
+    p.add_argument('--summary', nargs='+', default=None, metavar='RUN',
+                   help='print a markdown table of train.py run folders (their metrics.json): runs whose saved '
+                   f"arguments agree except {', '.join('--' + k for k in NOT_A_SETTING)} (the seed is what a row "
+                   'averages over; the others cannot change a result) form one row, with n and mean ± sample std of '
+                   + ', '.join(SUMMARY_METRICS) + '; needs no --ckpt')
+    # your own image and sound
+    p.add_argument('--image', default=None, help='segment this image (any size, any mode Pillow opens) ...')
+    p.add_argument('--audio', nargs='+', default=None, metavar='CLIP',
+                   help='... under each of these clips (wav / flac / ogg / opus, mono or stereo) and under silence')
+    p.add_argument('--alpha', type=float, default=0.5,
+                   help='where a mono clip is panned for a stereo checkpoint: 0 left edge, 0.5 centre, 1 right edge')
     # system
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype for inference')
-    a = p.parse_args()
-    if a.ckpt is None:
-        p.error('--ckpt is required')
-    import data  # imported here: the metric functions above need no dataset code
-    try:
-        model, cargs = load_checkpoint(a.ckpt, a.device, data=a.data, mono=a.mono)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        p.error(str(e))
+    return p.parse_args(argv)
+
+
+AMP = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def run_evaluation(a):
+    model, cargs = load_checkpoint(a.ckpt, a.device, data=a.data, mono=a.mono)
     ds = data.build_dataset(cargs['data'], a.root or cargs['root'], a.split, train=False,
-                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'), subsets=a.avss_subsets,
-                            test_scale=a.test_scale or cargs.get('test_scale') or 1.0)
+                            data_seed=cargs.get('data_seed', 0),
+                            audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'),
+                            subsets=a.avss_subsets, test_scale=a.test_scale or cargs.get('test_scale') or 1.0)
     if ds.num_classes != cargs['num_classes']:
         raise ValueError(f"--ckpt {a.ckpt} has {cargs['num_classes']} classes, the {cargs['data']} "
                          f'dataset {ds.num_classes}')
     out = a.out or os.path.join(os.path.dirname(a.ckpt), f"eval_{cargs['data']}_{a.split}")
     os.makedirs(out, exist_ok=True)
-    amp = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[a.amp]
-    m = evaluate(model, ds, a.device, amp_dtype=amp, probes=not a.no_probes, vis=a.vis,
+    m = evaluate(model, ds, a.device, amp_dtype=AMP[a.amp], probes=not a.no_probes, vis=a.vis,
                  vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples)
-    m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'], test_scale=getattr(ds, 'test_scale', 1.0))
+    m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'],
+             test_scale=getattr(ds, 'test_scale', 1.0))
     table = format_table(m, ds.classes)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(m, f, indent=1)
@@ -453,6 +758,33 @@ def main():
     print(table)
     print(summary(m))
     print(f'wrote {out}/metrics.json, per_class.md' + (f', vis/ ({a.vis} PNGs)' if a.vis else ''))
+
+
+def run_prediction(a):
+    if not a.image or not a.audio:
+        raise ValueError('--image and --audio go together: --image IMAGE --audio CLIP [CLIP ...]')
+    model, cargs = load_checkpoint(a.ckpt, a.device, data=a.data)
+    out = a.out or 'prediction.png'
+    for line in predict(model, cargs, a.image, a.audio, device=a.device, alpha=a.alpha, out=out,
+                        amp_dtype=AMP[a.amp], test_scale=a.test_scale):
+        print(line)
+    print(f'wrote {out}')
+
+
+def main(argv=None):
+    a = get_args(argv)
+    try:
+        if a.summary:
+            print(summary_table(a.summary))
+        elif a.ckpt is None:
+            raise ValueError('--ckpt is required (or --summary RUN [RUN ...])')
+        elif a.image or a.audio:
+            run_prediction(a)
+        else:
+            run_evaluation(a)
+    except (ValueError, OSError, KeyError) as e:   # bad input: one line, no traceback
+        print(f'error: {e.args[0] if isinstance(e, KeyError) and e.args else e}', file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -2,16 +2,18 @@
 (Eqs. 3-4, averaged over anchors as in Eq. 5), pixel sampling (Table 6), the SupCon baseline (Table 5)
 and the waveform memory bank (App. B.1).
 
-Every pixel of a pairing gets a role (issue 4), the one vocabulary shared by the functions below:
+Every pixel of a pairing gets a role, the one vocabulary shared by the functions below:
     c >= 1  E_fg       labelled class c, and c is in the paired audio
     0       E_bg       a silent object, or background of a pairing whose audio brings no class new to the image
     -1      E_unknown  background of a pairing whose audio holds a class the image's own audio lacks
                        (the pixel may be an unlabelled object of that class)
     -2      ignore     label 255
-A training step (train.py) uses it like this:
+A training step (train.train_step) uses it like this, on the original pairs and the permuted ones stacked:
     perm = pair_permutation(B)                                             # Eq. 1
     z = torch.cat([z_orig, z_perm])                                        # 2B, D, h, w
-    l_cp, stats = contrastive_loss(z, torch.cat([y, y]), torch.cat([t, a_hot]), torch.cat([t, t]))
+    role = pixel_roles(torch.cat([y, y]), torch.cat([t, a_hot]), torch.cat([t, t]), size=z.shape[-2:])   # Eq. 2
+    idx = sample_pixels(role, max_anchors=512, pos_frac=0.5)               # Table 6
+    l_cp = cavp_loss(gather_pixels(z, idx), role[idx], tau=0.1)            # Eqs. 3-4
     loss = cross_entropy(logits_orig, y, ignore_index=255) + cavp_weight * l_cp   # Eq. 5
 """
 import argparse
@@ -42,7 +44,7 @@ def anchor_sets(y, a_hot, own_hot):
     Deviation from the paper's set notation: Eq. 2 compares t = y(w) as whole labels, and the official code
     calls a pairing matched only when the multi-hot sets are equal, which in MS turns the dog of an image
     {dog, cat} paired with audio {dog, car} into background. We decide per pixel: is this pixel's class in
-    the paired audio (NOTES bug 4)."""
+    the paired audio."""
     N, C = a_hot.shape
     if own_hot.shape != (N, C) or y.shape != (N,):
         raise ValueError(f'loss.anchor_sets: y {tuple(y.shape)}, a_hot {tuple(a_hot.shape)} and own_hot '
@@ -97,7 +99,7 @@ def cavp_loss(z, role, tau=0.1):
     >= 0 and != c (N_fg, hard and easy together). Role 0: positives the other role-0 pixels (P_bg = E_bg),
     negatives role >= 1 (N_bg = E_fg). Roles -1 and -2 take no part. Each positive's denominator holds that
     positive and all the anchor's negatives, as in Eq. 4. Eq. 3 also asks a positive to share the anchor's
-    whole audio label (t_j = t); following issue 4 any sounding pixel of class c is a positive, whatever
+    whole audio label (t_j = t); we read it per pixel: any sounding pixel of class c is a positive, whatever
     else its audio holds, so MS pairings {dog} and {dog, car} pull their dogs together."""
     return _info_nce(z, role, tau, denominator='negatives')
 
@@ -150,34 +152,46 @@ def sample_pixels(role, *, max_anchors, pos_frac, generator=None):
     return torch.cat([fg, bg]).sort().values
 
 
+def pixel_roles(y, a_hot, own_hot, *, size):
+    """Eq. 2 on the feature lattice. y (B, H, W) long labels at full resolution; a_hot (B, C) classes of the audio
+    each row was fused with; own_hot (B, C) classes of the row's image's own audio -> role (N = B*h*w,) long, with
+    (h, w) = size. Labels are taken to the lattice by nearest neighbour, as the official code does (no mixing)."""
+    B, (h, w) = y.shape[0], size
+    if y.dim() != 3 or a_hot.shape[0] != B or own_hot.shape[0] != B:
+        raise ValueError(f'loss.pixel_roles: y {tuple(y.shape)} must be (B, H, W) and a_hot {tuple(a_hot.shape)}, '
+                         f'own_hot {tuple(own_hot.shape)} (B, C)')
+    y = F.interpolate(y[:, None].float(), size=(h, w), mode='nearest')[:, 0].long().flatten()   # N
+    image = torch.arange(B, device=y.device).repeat_interleave(h * w)                           # N: row of each pixel
+    return anchor_sets(y, a_hot[image], own_hot[image])
+
+
+def gather_pixels(z, idx):
+    """z (B, D, h, w), idx (K,) flat pixel indices into B*h*w -> (K, D): only the sampled pixels are gathered."""
+    hw = z.shape[2] * z.shape[3]
+    return z.flatten(2)[idx // hw, :, idx % hw]
+
+
 def contrastive_loss(z, y, a_hot, own_hot, *, mode='cavp', tau=0.1, max_anchors=512, pos_frac=0.5,
                      generator=None):
     """The contrastive term of Eq. 5. z (B, D, h, w) fused features of all pairings, stacked along B;
     y (B, H, W) long labels at full resolution; a_hot (B, C) classes of the audio each row was fused with;
     own_hot (B, C) classes of the row's image's own audio (both unused when mode='supcon').
-    mode 'cavp': anchor_sets + sample_pixels + cavp_loss. mode 'supcon': role = label, same sampling,
+    mode 'cavp': pixel_roles + sample_pixels + cavp_loss. mode 'supcon': role = label, same sampling,
     supcon_loss; pass the original pairs only. Returns (loss, stats) with stats python ints:
     n_anchors / n_fg / n_bg sampled, n_unknown = E_unknown pixels seen at feature resolution."""
     B, D, h, w = z.shape
     if y.dim() != 3 or y.shape[0] != B:
         raise ValueError(f'loss.contrastive_loss: y {tuple(y.shape)} must be (B, H, W) with B = {B}')
-    # labels to the feature lattice by nearest neighbour, as the official code (no label mixing)
-    y = F.interpolate(y[:, None].float(), size=(h, w), mode='nearest')[:, 0].long()   # B, h, w
-    y = y.flatten()                                                                    # N = B*h*w
     if mode == 'cavp':
-        image = torch.arange(B, device=y.device).repeat_interleave(h * w)              # N: row of each pixel
-        role = anchor_sets(y, a_hot[image], own_hot[image])                            # Eq. 2
+        role = pixel_roles(y, a_hot, own_hot, size=(h, w))                                # Eq. 2
     elif mode == 'supcon':
+        y = F.interpolate(y[:, None].float(), size=(h, w), mode='nearest')[:, 0].long().flatten()
         role = y.masked_fill(y == IGNORE, ROLE_IGNORE)
     else:
         raise ValueError(f"loss.contrastive_loss: mode must be 'cavp' or 'supcon', got {mode!r}")
     idx = sample_pixels(role, max_anchors=max_anchors, pos_frac=pos_frac, generator=generator)   # K
-    z_k = z.flatten(2)[idx // (h * w), :, idx % (h * w)]     # K, D: gathers the sampled pixels only
-    if mode == 'cavp':
-        loss = cavp_loss(z_k, role[idx], tau)
-    else:
-        loss = supcon_loss(z_k, y[idx], tau)
-    role_k = role[idx]
+    z_k, role_k = gather_pixels(z, idx), role[idx]                                              # K, D; K
+    loss = cavp_loss(z_k, role_k, tau) if mode == 'cavp' else supcon_loss(z_k, role_k, tau)
     stats = dict(n_anchors=len(idx), n_fg=int((role_k >= 1).sum()), n_bg=int((role_k == 0).sum()),
                  n_unknown=int((role == ROLE_UNKNOWN).sum()))
     return loss, stats
@@ -193,7 +207,8 @@ class MemoryBank:
     Use (train.py), after pair_permutation: the permuted pairing reuses the batch's audio features, and the
     swapped rows get new audio, whose log-mel goes through the audio network:
         swap = bank_swap(perm, t, bank_cls, rate=bank_rate, stored=bank.stored(), generator=g)
-        for i in swap.nonzero()[:, 0].tolist():      # the waveform really changes (NOTES bug 3)
+        for i in swap.nonzero()[:, 0].tolist():      # the waveform really changes (the official stereo
+            # trainer relabels such pairs as matched but keeps their mismatched audio)
             clip = bank.sample(bank_cls[i], generator=g)                    # (L,) mono
             wave_i = pan(clip, bank_alpha[i]) if stereo else clip          # at the image's object
         a_hot = torch.where(swap[:, None], F.one_hot(bank_cls, C).bool(), t[perm].bool())
@@ -262,7 +277,7 @@ def _bench(ns, dim, repeats, tau, seed):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='cavp loss.py: benchmark of cavp_loss (issue 4)')
+    parser = argparse.ArgumentParser(description='loss.py: benchmark of cavp_loss')
     parser.add_argument('--bench', action='store_true', help='time forward+backward of cavp_loss')
     parser.add_argument('--n', type=int, nargs='+', default=[2048, 8192], help='numbers of pixels N')
     parser.add_argument('--dim', type=int, default=256, help='feature dimension D')

@@ -49,7 +49,8 @@ def load_weights(net, weights, *, arch, arg):
     """Load `weights` into the ResNet trunk `net`, strictly. weights: None (random init, an explicit choice),
     'imagenet' (torchvision's file, only from the local hub cache) or the path of a state-dict file.
     `fc.*` keys (the ImageNet classifier, which the trunk does not have) are dropped by name; every other key
-    must match in name and shape, else the error names them (NOTES bug 7: the official loads with strict=False)."""
+    must match in name and shape, else the error names them (the official code loads with strict=False and
+    silently ignores mismatches)."""
     if weights is None:
         return
     path = weights
@@ -67,14 +68,16 @@ def load_weights(net, weights, *, arch, arg):
     state = torch.load(path, map_location='cpu', weights_only=True)
     state = {k: v for k, v in state.items() if not k.startswith('fc.')}
     rgb, planes = state.get('conv1.weight'), net.conv1.in_channels
+    fresh = set()
     if rgb is not None and rgb.shape[1] == 3 and planes != 3:
-        # Audio trunk from an RGB checkpoint: see each log-mel plane as a grey image (RGB filters summed, / A so a
-        # stereo pair of equal planes gives the grey response). Deviation: the official re-initialises conv1.
-        state['conv1.weight'] = rgb.sum(1, keepdim=True).repeat(1, planes, 1, 1) / planes
+        # Audio trunk from an RGB checkpoint: conv1 keeps its random init for the 1-2 log-mel planes, as the
+        # official audio net does (models/audio/audio_network.py replaces conv1 of torchvision's ImageNet ResNet-18).
+        del state['conv1.weight']
+        fresh.add('conv1.weight')
     own = net.state_dict()
     # Old torchvision files lack BatchNorm's num_batches_tracked; load_state_dict fills it in, so it is not "missing".
     problems = [(what, sorted(keys)) for what, keys in (
-        ('missing', [k for k in own.keys() - state.keys() if not k.endswith('num_batches_tracked')]),
+        ('missing', [k for k in own.keys() - state.keys() - fresh if not k.endswith('num_batches_tracked')]),
         ('unexpected', state.keys() - own.keys()),
         ('wrong-shape', [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]))
         if keys]
@@ -82,7 +85,7 @@ def load_weights(net, weights, *, arch, arg):
         raise RuntimeError(f'{arg}={path!r} does not match the {arch} trunk: ' + '; '.join(
             f'{len(keys)} {what} keys ({", ".join(keys[:4])}{", ..." if len(keys) > 4 else ""})'
             for what, keys in problems))
-    net.load_state_dict(state)
+    net.load_state_dict(state, strict=not fresh)   # strict but for the re-initialised conv1
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -129,7 +132,8 @@ def stem(net, x):
 
 
 class AudioResNet(nn.Module):
-    """Audio branch f_gamma (App. B.1): ResNet-18 (or -10) over the log-mel, A = 1 (mono) or 2 (stereo) planes -> (B, 512)."""
+    """Audio branch f_gamma (App. B.1): ResNet-18 (or -10) over the log-mel, A = 1 (mono) or 2 (stereo) planes
+    -> (B, 512)."""
     out_dim = 512
 
     def __init__(self, *, channels, weights, arch='resnet18'):
@@ -229,26 +233,24 @@ def load_vggish_weights(path):
 # ----------------------------------------------------------------------------- fusion
 
 class CrossAttention(nn.Module):
-    """f_CA (Sec. 4.1), on the pixel tokens t = u_v (B, N = h*w, D) and the audio token s = LN(u_a) (B, D):
+    """f_CA (Sec. 4.1), on the pixel tokens t = u_v (B, N = h*w, D) and the audio token s = LN(u_a) (B, 1, D):
 
-        u_v_hat = t + f_MHA(t, s, s),  f_MHA = W_o [act(q_h k_h^T / sqrt(d)) v_h]_h,  act = sigmoid   (Sec. 4.1)
-        z = LN(u_v_hat + MLP(u_v_hat))                         residual MLP + LayerNorm, as official
+        q = t W_q,  k = s W_k,  v = s W_v                        per head h: (B, N, d), (B, 1, d), (B, 1, d)
+        u_v_hat = t + W_o [act(q_h k_h^T / sqrt(d)) v_h]_h         act = sigmoid                     (Sec. 4.1)
+        z = LN(u_v_hat + MLP(u_v_hat))                             residual MLP + LayerNorm, as official
 
     `attn` picks act for the ablations (Fig. 6, Table 5): 'sigmoid' (ours) | 'softmax' over pixels (App. C: softmax
     "under spatial dimension"; over the keys it would be identically 1 with one audio token) | 'minmax' (logits
     min-max normalised over pixels) | 'channel' (AVSegFormer-style: the audio gives per-channel weights c,
     t + t * c) | 'tpavi' (audio query, softmax over pixel keys, t + t * f_MHA(s, t, t) broadcast to every pixel).
 
-    Deviations from the official block, for speed at 128 x 128 pixel tokens (measured: `python model.py`): no
-    pre-LN of u_v (it is the output of BatchNorm + ReLU already; the residual goes onto u_v as in the paper's
-    formula, not onto LN(u_v)), no visual pre-projection MLP / patch-embedding Linears (not in the paper), an MLP
-    of width 2 D, not 4 D (MLP_RATIO), and the audio token is not updated from the pixels (the official depth-1
-    block computes that and discards it).
-
-    One audio token makes a per-pixel q_h projection unnecessary: q_h . k_h = t . (W_q,h^T k_h), so the key is
-    mapped back into pixel space once per sample (B, H, D) and the logits cost N*H*D instead of N*D*D; likewise
-    W_o [a_h v_h]_h = sum_h a_h (W_o,h v_h). Exact (tested against the plain form). q, k, v have no bias, as
-    official, which keeps these identities bias-free."""
+    Deviations from the official block (`Block` / `CROSS_ATTENTION` in `models/attn.py`), for speed at 128 x 128
+    pixel tokens: two LayerNorms where the official layer has three (it pre-normalises both tokens with norm1, the
+    MLP input with norm2, and the output with norm; we normalise the audio token and the output: u_v is the output
+    of BatchNorm + ReLU already, and the residual goes onto u_v as in the paper's formula, not onto LN(u_v)); no
+    visual pre-projection MLP / patch-embedding Linears (not in the paper); an MLP of width 2 D, not 4 D
+    (MLP_RATIO); the audio token is not updated from the pixels (the official depth-1 block computes that and
+    discards it). q, k, v have no bias, as official."""
 
     def __init__(self, *, dim, heads, attn):
         super().__init__()
@@ -265,45 +267,32 @@ class CrossAttention(nn.Module):
     def forward(self, u_v, u_a):
         B, D, h, w = u_v.shape
         H, d, N = self.heads, D // self.heads, h * w
-        # Pixel tokens as one (B, N, D) matrix: a free view under channels_last, one copy under NCHW; the matmuls
-        # below then write contiguous outputs, so the elementwise work stays on fast paths (it dominates on GPU).
-        t = u_v.permute(0, 2, 3, 1).reshape(B, N, D)  # B, N, D
-        s = self.norm_a(u_a)                           # B, D the audio token
+        t = u_v.flatten(2).transpose(1, 2)             # B, N, D  pixel tokens
+        s = self.norm_a(u_a)[:, None]                  # B, 1, D  the audio token
+        heads = lambda y: y.view(B, -1, H, d).transpose(1, 2)   # noqa: E731  B, n, D -> B, H, n, d
         if self.attn == 'channel':
-            c = self.o(self.v(s))                            # B, D one weight per channel
-            u_hat = t + t * c[:, None]                       # B, N, D
-            attn = t.new_ones(B, H, N)                       # spatially uniform by construction: a flat picture
+            u_hat = t + t * self.o(self.v(s))                       # B, N, D: one gain per channel
+            attn = t.new_ones(B, H, N, 1)                            # spatially uniform by construction
         elif self.attn == 'tpavi':
-            q = self.q(s).view(B, H, d)                                                        # B, H, d audio query
-            w_k = torch.einsum('bhe,hec->bhc', q, self.k.weight.view(H, d, D)) / d ** 0.5      # B, H, D = W_k,h^T q_h
-            attn = (w_k @ t.transpose(1, 2)).softmax(-1)                                       # B, H, N over pixel keys
-            f = torch.einsum('bhc,hec->bhe', attn @ t, self.v.weight.view(H, d, D))            # B, H, d = a_h V_h
-            u_hat = t + t * self.o(f.reshape(B, D))[:, None]                                   # B, N, D (Table 5 row 1)
+            q, k, v = heads(self.q(s)), heads(self.k(t)), heads(self.v(t))   # B, H, 1, d; B, H, N, d; B, H, N, d
+            attn = (q @ k.transpose(-1, -2) / d ** 0.5).softmax(-1)         # B, H, 1, N  over pixel keys
+            f = (attn @ v).transpose(1, 2).reshape(B, 1, D)                  # B, 1, D
+            u_hat = t + t * self.o(f)                                        # B, N, D (Table 5 row 1)
+            attn = attn.transpose(-1, -2)                                    # B, H, N, 1
         else:
-            k, v = self.k(s).view(B, H, d), self.v(s).view(B, H, d)                           # B, H, d
-            w_q = torch.einsum('bhe,hec->bhc', k, self.q.weight.view(H, d, D)) / d ** 0.5      # B, H, D = W_q,h^T k_h
-            logits = w_q @ t.transpose(1, 2)                                                   # B, H, N  q.k/sqrt(d)
-            if self.attn == 'sigmoid':  # Sec. 4.1: each pixel gated on its own, so many regions can light up
+            q, k, v = heads(self.q(t)), heads(self.k(s)), heads(self.v(s))   # B, H, N, d; B, H, 1, d; B, H, 1, d
+            logits = q @ k.transpose(-1, -2) / d ** 0.5                      # B, H, N, 1
+            if self.attn == 'sigmoid':   # Sec. 4.1: each pixel gated on its own, so many regions can light up
                 attn = logits.sigmoid()
-            elif self.attn == 'softmax':  # over pixels: sums to 1 per head, so it fades at large N (Fig. 11b)
-                attn = logits.softmax(-1)
-            else:  # 'minmax' over pixels, per sample and head
-                lo, hi = logits.amin(-1, keepdim=True), logits.amax(-1, keepdim=True)
+            elif self.attn == 'softmax':   # over pixels: sums to 1 per head, so it fades at large N (Fig. 11b)
+                attn = logits.softmax(2)
+            else:                          # 'minmax' over pixels, per sample and head
+                lo, hi = logits.amin(2, keepdim=True), logits.amax(2, keepdim=True)
                 attn = (logits - lo) / (hi - lo).clamp_min(1e-6)
-            o_v = torch.einsum('bhe,che->bhc', v, self.o.weight.view(D, H, d))                 # B, H, D = W_o,h v_h
-            # W_o's bias rides along as a head whose weight is 1 everywhere: one pass over the map, not two
-            w_ext = torch.cat([attn, attn.new_ones(B, 1, N)], 1).transpose(1, 2)               # B, N, H+1
-            o_ext = torch.cat([o_v, self.o.bias.to(o_v.dtype).expand(B, 1, D)], 1)             # B, H+1, D
-            u_hat = torch.baddbmm(t, w_ext.to(t.dtype), o_ext.to(t.dtype))                     # B, N, D (Sec. 4.1)
-        z = self.layer_norm(u_hat + self.mlp(u_hat))                                           # B, N, D
-        return z.view(B, h, w, D).permute(0, 3, 1, 2), attn.view(B, H, h, w)  # z: B, D, h, w (channels-last strides)
-
-    def layer_norm(self, x):
-        """self.norm in x's dtype. Autocast would run it in fp32 and return fp32: three extra passes over the
-        (B, N, D) map (cast up, write fp32, cast back down in the head's conv); the kernel accumulates in fp32."""
-        with torch.autocast(x.device.type, enabled=False):
-            n = self.norm
-            return F.layer_norm(x, n.normalized_shape, n.weight.to(x.dtype), n.bias.to(x.dtype), n.eps)
+            f = (attn @ v).transpose(1, 2).reshape(B, N, D)                  # B, N, D  [act(q_h k_h^T) v_h]_h
+            u_hat = t + self.o(f)                                            # B, N, D  (Sec. 4.1)
+        z = self.norm(u_hat + self.mlp(u_hat))                               # B, N, D
+        return z.transpose(1, 2).reshape(B, D, h, w), attn.reshape(B, H, h, w)   # z: B, D, h, w; attn: B, H, h, w
 
 
 # ----------------------------------------------------------------------------- model
@@ -314,7 +303,9 @@ class CAVP(nn.Module):
     backbone: torchvision ResNet of the image branch, dilated to output_stride 8 (paper, official) or 16.
         Deviation: the official ResNet-50 has a deep (three 3x3 conv) stem; we keep torchvision's 7x7 stem so that
         torchvision's ImageNet weights load.
-    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.   audio_backbone: 'resnet18' (VPO, App. B.1) | 'resnet10' (CPU preset) | 'vggish' (AVSBench; freeze_audio as AVSBench).
+    audio_channels: 2 = stereo (one log-mel per channel), 1 = mono.
+    audio_backbone: 'resnet18' (VPO, App. B.1) | 'resnet10' (CPU preset) | 'vggish' (AVSBench; freeze_audio as
+        AVSBench).
     attn: f_CA activation, one of ATTN.   heads, dim: f_CA heads and width; dim = ASPP width + 48.
     weights, audio_weights: None (random init) | 'imagenet' (local torch hub cache only) | path of a state dict.
     """
@@ -432,39 +423,47 @@ def main():
     p.add_argument('--backbone', default='resnet50', choices=IMAGE_BACKBONES, help='image backbone')
     p.add_argument('--output-stride', type=int, default=8, choices=(8, 16), help='image backbone output stride')
     p.add_argument('--attn', default='sigmoid', choices=ATTN, help='f_CA activation (Fig. 6, Table 5)')
-    p.add_argument('--size', type=int, default=512, help='square image side (paper: 512 crops)')
+    p.add_argument('--size', type=int, default=None, help='square image side; default 512 (paper crops) on CUDA, '
+                   '256 on a CPU (512 takes minutes there)')
     p.add_argument('--audio-seconds', type=float, default=3.0, help='clip length; 100 log-mel frames per second')
     p.add_argument('--audio-channels', type=int, default=2, choices=(1, 2), help='2 = stereo, 1 = mono')
-    p.add_argument('--batch', type=int, default=None,
-                   help="batch size of the timed forward; default the paper's 16 on CUDA, 1 on a CPU (16 would take ~50 s there)")
-    p.add_argument('--repeat', type=int, default=5, help='timed repeats (median reported)')
-    p.add_argument('--warmup', type=int, default=2, help='untimed warm-up rounds')
+    p.add_argument('--batch', type=int, default=None, help="batch of the timed forward; default the paper's 16 on "
+                   'CUDA, 1 on a CPU')
+    p.add_argument('--repeat', type=int, default=None, help='timed repeats (median reported); default 10 on CUDA, 3 on '
+                   'a CPU')
+    p.add_argument('--warmup', type=int, default=None, help='untimed warm-up rounds; default 3 on CUDA, 1 on a CPU')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='cpu (fp32) or cuda (bf16 autocast + channels_last)')
     args = p.parse_args()
     dev = torch.device(args.device)
-    args.batch = args.batch or (16 if dev.type == 'cuda' else 1)
+    cuda = dev.type == 'cuda'
+    args.size = args.size or (512 if cuda else 256)
+    args.batch = args.batch or (16 if cuda else 1)
+    args.repeat = args.repeat or (10 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
 
     torch.manual_seed(0)
     model = CAVP(backbone=args.backbone, output_stride=args.output_stride, attn=args.attn,
                  audio_channels=args.audio_channels).eval().to(dev)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
-    a = torch.randn(args.batch, args.audio_channels, round(100 * args.audio_seconds), 64, device=dev)
-    if dev.type == 'cuda':
-        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     counts = param_counts(model)
     for k, v in counts.items():
         print(f'{k:32s} {v:8.2f} M')
-    print(f'{"total":32s} {sum(counts.values()):8.2f} M')
+    print(f'{"total":32s} {sum(counts.values()):8.2f} M', flush=True)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+    a = torch.randn(args.batch, args.audio_channels, round(100 * args.audio_seconds), 64, device=dev)
+    if cuda:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     ms = time_forward(model, x, a, repeat=args.repeat, warmup=args.warmup)
     print(f'{args.device}, {args.backbone} OS {args.output_stride}, {args.size}x{args.size}, audio {tuple(a.shape)}, '
-          f'batch {args.batch}, attn {args.attn}, median of {args.repeat}:')
+          f'batch {args.batch}, attn {args.attn}, median of {args.repeat} after {args.warmup} warm-up'
+          f'{"" if cuda else " (CPU defaults: --size 256 --batch 1 --repeat 3 --warmup 1)"}:')
     for k, what in (('image', 'image branch (backbone+decoder+head)'), ('image+f_CA', 'image branch + f_CA'),
                     ('f_CA', 'f_CA alone'), ('audio', 'audio branch'), ('full', 'full forward (image+audio+f_CA)')):
         print(f'  {what:38s} {ms[k]:9.1f} ms')
     print(f'fusion overhead: f_CA alone = {100 * ms["f_CA"] / ms["image"]:.1f} % of the image branch; '
           f'image+f_CA vs image: {100 * (ms["image+f_CA"] / ms["image"] - 1):+.1f} %; '
           f'full vs image (audio branch included): {100 * (ms["full"] / ms["image"] - 1):+.1f} %')
+
 
 if __name__ == '__main__':
     main()

@@ -27,16 +27,31 @@ Selection decisions (ours, where the paper is silent); images sorted by id, rand
 - Audio pools: per class, VGGSound's own train/test split when `vggsound.csv` is given, else the 20% of clips
   with the smallest hash of their file name are test clips, so no clip is in train and test (val uses
   train clips). Clips are dealt from a seeded, shuffled per-class deck: all are used before any repeats.
+
+Checks at build time (VGGSound downloads hold missing and broken clips; a broken file would otherwise crash the
+training step that first draws it). Every candidate clip's header is read; every image chosen is decoded in full
+and must have its annotated size; every clip dealt is decoded in full and must not be silent (RMS below
+SILENT_RMS, or below SILENT_REL times the median RMS of its class's decoded clips). What fails is left out and
+the selection is redone without it. `summary.json` lists under 'skipped': unknown_audio_folders (folders that
+are not Table 7 labels), missing_clips (vggsound.csv lines of a Table 7 label with no file), broken_clips,
+silent_clips, broken_images ({path: why}), missing_captions ({captions file: persons painted ignore}) and
+classes_without_audio ({class: objects that cannot sound}).
+
+Output: build() writes into a sibling `<out>.partial-<pid>` renamed to `out` at the end; `out` must not exist or
+be empty, so an interrupted or repeated build never mixes two builds' files.
 """
-import argparse, csv, hashlib, json, math, multiprocessing, os, re, resource, tempfile, time
+import argparse, contextlib, csv, hashlib, json, math, multiprocessing, os, re, resource, shutil, sys, tempfile, time
 from collections import Counter, defaultdict, namedtuple
 
 import numpy as np
+import soundfile as sf
 from PIL import Image
 from pycocotools import mask as maskutils
 from tqdm import tqdm
 
 VERSION = 1
+HERE = os.path.dirname(os.path.abspath(__file__))
+OFFICIAL_CACHE = os.path.join(HERE, 'data', 'official')   # masks derived from a release (read_official)
 VPO_CLASSES = ['background', 'airplane', 'baby', 'bird', 'bus', 'car', 'cat', 'cell phone', 'cow', 'dog',
                'elephant', 'female', 'horse', 'keyboard', 'male', 'motorcycle', 'mouse', 'sheep',
                'skateboard', 'sports ball', 'tennis racket', 'zebra']   # index == label value; C = 22
@@ -67,6 +82,7 @@ POLYGONS = re.compile(rb'"segmentation":\s*\[\s*\[[^\]]*\](?:\s*,\s*\[[^\]]*\])*
 AUDIO_EXTS = ('wav', 'flac', 'ogg', 'opus')
 SUBSETS, SPLITS = ('ss', 'ms', 'msmi'), ('train', 'val', 'test')
 MIN_AREA, ALPHA_GAP, MAX_SOURCES, AUDIO_TEST_FRAC = 32 * 32, 0.1, 5, 0.2
+SILENT_RMS, SILENT_REL = 1e-5, 0.01   # -100 dBFS; 40 dB under the class median: no sounding source
 PERSON_WORDS = {w: group for group, words in (
     ('male', 'man men boy boys guy guys gentleman gentlemen male males he his him'),
     ('female', 'woman women girl girls lady ladies female females she her hers'),
@@ -118,6 +134,27 @@ def mix(stereos):
 
 
 # ---------------------------------------------------------------- inputs: captions, audio, COCO
+def read_json(path, text=None, *, keys=()):
+    """Parse `text` (default: the file's bytes) as a JSON object holding `keys`; a bad file -> ValueError naming it.
+
+    `text` is the file edited (polygons cut out): its error offsets are not the file's, so a failure re-parses
+    the file itself for the position to report."""
+    edited = text is not None
+    if not edited:
+        with open(path, 'rb') as f:
+            text = f.read()
+    try:
+        data = json.loads(text)
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+        if edited:
+            return read_json(path, keys=keys)
+        raise ValueError(f'{path}: not valid JSON (truncated?): {e}') from None
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else list(keys)
+    if missing:
+        raise ValueError(f'{path}: no {missing} in this JSON; expected a COCO 2017 annotation file')
+    return data
+
+
 def _person_groups(caption):
     words = re.findall(r'[a-z]+', caption.lower())
     return {PERSON_WORDS[w] for i, w in enumerate(words) if w in PERSON_WORDS and not (
@@ -128,8 +165,7 @@ def person_classes(captions_file, image_ids):
     """{image_id: 'male'|'female'|'baby'} for the images whose captions decide it (module docstring)."""
     if not os.path.isfile(captions_file):
         return {}
-    with open(captions_file) as f:
-        caps = json.load(f)['annotations']
+    caps = read_json(captions_file, keys=('annotations',))['annotations']
     votes = defaultdict(Counter)
     for c in caps:
         if c['image_id'] in image_ids:
@@ -137,48 +173,130 @@ def person_classes(captions_file, image_ids):
     return {i: next(iter(v)) for i, v in votes.items() if len(v) == 1 and max(v.values()) >= 2}
 
 
-def find_audio(audio):
-    """Clip pools {cls: {'train': [paths], 'test': [paths]}} and the classes whose pools had to be shared.
+def _pmap(fn, items, workers):
+    """[fn(x) for x in items], over `workers` processes when there are several items."""
+    if workers > 1 and len(items) > 1:
+        with multiprocessing.Pool(min(workers, len(items))) as p:
+            return p.map(fn, items, chunksize=max(1, len(items) // (8 * workers)))
+    return [fn(x) for x in items]
 
-    `audio` holds `vggsound.csv` (ytid, start, label, split; clips `<ytid>_<start:06d>.<ext>` anywhere below)
-    or one folder per VGGSound label, named by folder_name(label). Clips are listed, not decoded."""
-    if not os.path.isdir(audio):
-        raise FileNotFoundError(f'--audio {audio}: no such directory')
+
+def _reason(e, path):
+    """An exception's first line, without the path (the summary gives it already)."""
+    return str(e).splitlines()[0].replace(repr(path), 'file').replace(path, 'file') if str(e) else type(e).__name__
+
+
+def _clip_header(path):
+    """Why a clip cannot be used, from its header alone; None if it can."""
+    try:
+        frames = sf.info(path).frames
+    except Exception as e:   # soundfile raises several types; what a user needs is the reason
+        return 'unreadable: ' + _reason(e, path)
+    return None if frames > 0 else 'no samples'
+
+
+def _clip_rms(path):
+    """RMS of the whole clip decoded (all channels), or why it cannot be decoded (a str)."""
+    total, n = 0.0, 0
+    try:
+        for block in sf.blocks(path, blocksize=1 << 16, dtype='float32', always_2d=True):   # T, channels
+            if not np.isfinite(block).all():
+                return 'non-finite samples'
+            total, n = total + float(np.square(block, dtype=np.float64).sum()), n + block.size
+    except Exception as e:   # soundfile raises several types
+        return 'cannot decode: ' + _reason(e, path)
+    return math.sqrt(total / n) if n else 'no samples'
+
+
+def _image_problem(task):
+    """Why an image cannot be used (fully decoded, size checked against its annotation); None if it can."""
+    path, w, h = task
+    try:
+        with Image.open(path) as im:
+            im.load()
+            size = im.size
+    except Exception as e:   # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return 'cannot decode: ' + _reason(e, path)
+    return None if size == (w, h) else f'{size[0]}x{size[1]} pixels, its annotations say {w}x{h}'
+
+
+def _list_clips(audio):
+    """Clips as listed: {cls: {'train': [...], 'test': [...]}} (folder layout: all in 'train', split later) and
+    what was skipped: folders that are not Table 7 labels, vggsound.csv lines of a Table 7 label with no file."""
     pools = defaultdict(lambda: {'train': [], 'test': []})
     table = os.path.join(audio, 'vggsound.csv')
-    if os.path.isfile(table):
-        files = {}
-        for d, _, names in sorted(os.walk(audio)):
-            for n in sorted(names):
-                stem, ext = os.path.splitext(n)
-                if ext[1:].lower() in AUDIO_EXTS:
-                    files.setdefault(stem, os.path.join(d, n))
-        with open(table, newline='') as f:
-            for line, r in enumerate(csv.reader(f), 1):
-                if len(r) < 4:
-                    raise ValueError(f'{table}:{line}: expected ytid,start,label,split, got {r}')
-                cls = LABEL_TO_CLASS.get(r[2].strip())   # a header line, if any, has no Table 7 label
-                stem = f'{r[0]}_{int(float(r[1])):06d}' if cls else None
-                if stem in files:
-                    pools[cls]['test' if r[3].strip() == 'test' else 'train'].append(files[stem])
-    else:
+    if not os.path.isfile(table):
+        known = {folder_name(label) for label in LABEL_TO_CLASS}
+        unknown = sorted(d for d in os.listdir(audio) if d not in known and os.path.isdir(os.path.join(audio, d)))
         for label, cls in LABEL_TO_CLASS.items():
             d = os.path.join(audio, folder_name(label))
             pools[cls]['train'] += [os.path.join(d, n) for n in (os.listdir(d) if os.path.isdir(d) else ())
                                     if n.rsplit('.', 1)[-1].lower() in AUDIO_EXTS]
+        return pools, {'unknown_audio_folders': unknown, 'missing_clips': 0}
+    files = {}
+    for d, _, names in sorted(os.walk(audio)):
+        for n in sorted(names):
+            stem, ext = os.path.splitext(n)
+            if ext[1:].lower() in AUDIO_EXTS:
+                files.setdefault(stem, os.path.join(d, n))
+    missing = 0
+    with open(table, newline='') as f:
+        try:
+            lines = list(csv.reader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f'{table}: not a text csv file: {e}') from None
+    for line, r in enumerate(lines, 1):
+        if len(r) < 4:
+            raise ValueError(f'{table}:{line}: expected ytid,start,label,split, got {r} (truncated?)')
+        cls = LABEL_TO_CLASS.get(r[2].strip())   # a header line, if any, has no Table 7 label
+        if not cls:
+            continue
+        try:
+            stem = f'{r[0]}_{int(float(r[1])):06d}'
+        except (ValueError, OverflowError):
+            raise ValueError(f'{table}:{line}: start {r[1]!r} is not a number') from None
+        if stem in files:
+            pools[cls]['test' if r[3].strip() == 'test' else 'train'].append(files[stem])
+        else:
+            missing += 1
+    return pools, {'unknown_audio_folders': [], 'missing_clips': missing}
+
+
+def _share(pools):
+    """Classes with clips on one side only use them for train and test (better than dropping the class)."""
+    shared = sorted(c for c, p in pools.items() if not (p['train'] and p['test']))
+    for c in shared:
+        p = pools[c]
+        p['train'], p['test'] = p['train'] or p['test'], p['test'] or p['train']
+    return shared
+
+
+def find_audio(audio, *, workers=1):
+    """Clip pools {cls: {'train': [paths], 'test': [paths]}}, the classes whose pools had to be shared, and what was
+    skipped {'unknown_audio_folders', 'missing_clips', 'broken_clips': {path: why}} (module docstring).
+
+    `audio` holds `vggsound.csv` (ytid, start, label, split; clips `<ytid>_<start:06d>.<ext>` anywhere below)
+    or one folder per VGGSound label, named by folder_name(label). Every clip's header is read (soundfile, in
+    `workers` processes): an unreadable or empty file is left out before the train/test split."""
+    if not os.path.isdir(audio):
+        raise FileNotFoundError(f'--audio {audio}: no such directory')
+    listed, skipped = _list_clips(audio)
+    clips = sorted({c for p in listed.values() for side in p.values() for c in side})
+    why = dict(zip(clips, _pmap(_clip_header, clips, workers)))
+    skipped['broken_clips'] = {c: w for c, w in why.items() if w}
+    pools = {cls: {k: [c for c in side if not why[c]] for k, side in p.items()} for cls, p in listed.items()}
+    if not os.path.isfile(os.path.join(audio, 'vggsound.csv')):
         for p in pools.values():   # ranked, so that a class with >= 2 clips always has test clips
             ranked = sorted(p['train'], key=lambda q: (_unit('audio', os.path.basename(q)), q))
             k = max(1, round(AUDIO_TEST_FRAC * len(ranked))) if len(ranked) > 1 else 0
             p['test'], p['train'] = ranked[:k], ranked[k:]
     pools = {c: p for c, p in pools.items() if p['train'] or p['test']}
     if not pools:
-        raise ValueError(f'--audio {audio}: no clips found; expected vggsound.csv or per-label folders such as '
-                         f'{folder_name(TABLE7["dog"][4])}/ with {"/".join(AUDIO_EXTS)} files')
-    shared = sorted(c for c, p in pools.items() if not (p['train'] and p['test']))
-    for c in shared:   # too few clips to keep train and test apart: better than dropping the class
-        p = pools[c]
-        p['train'], p['test'] = p['train'] or p['test'], p['test'] or p['train']
-    return {c: {k: sorted(v) for k, v in pools[c].items()} for c in sorted(pools)}, shared
+        raise ValueError(f'--audio {audio}: no readable clips found ({len(skipped["broken_clips"])} broken); expected '
+                         f'vggsound.csv or per-label folders such as {folder_name(TABLE7["dog"][4])}/ with '
+                         f'{"/".join(AUDIO_EXTS)} files')
+    shared = _share(pools)
+    return {c: {k: sorted(v) for k, v in pools[c].items()} for c in sorted(pools)}, shared, skipped
 
 
 def _instances(coco, name):
@@ -189,12 +307,15 @@ def _instances(coco, name):
 
 
 def load_split(coco, name):
-    """COCO `instances_{name}2017.json` -> [Img] holding VPO-class objects, sorted by image id.
+    """COCO `instances_{name}2017.json` -> [Img] holding VPO-class objects, sorted by image id, and
+    {captions file: persons painted ignore} when the captions file is missing (else {}).
 
     Polygons are ~75% of the file and selection needs none of them: they are cut out of the raw text (each
     becomes 0) before parsing, 4x faster and a fraction of the memory; attach_polygons() reads the chosen ones."""
-    with open(_instances(coco, name), 'rb') as f:
-        data = json.loads(POLYGONS.sub(b'"segmentation": 0', f.read()))
+    path = _instances(coco, name)
+    with open(path, 'rb') as f:
+        data = read_json(path, POLYGONS.sub(b'"segmentation": 0', f.read()), keys=('images', 'annotations',
+                                                                                   'categories'))
     names = {c['id']: c['name'] for c in data['categories']}
     keep = {i for i, n in names.items() if n in CLS_INDEX or n == 'person'}
     by_image = defaultdict(list)
@@ -202,7 +323,10 @@ def load_split(coco, name):
         if a['category_id'] in keep:
             by_image[a['image_id']].append(a)
     with_person = {i for i, anns in by_image.items() if any(names[a['category_id']] == 'person' for a in anns)}
-    persons = person_classes(os.path.join(coco, 'annotations', f'captions_{name}2017.json'), with_person)
+    captions = os.path.join(coco, 'annotations', f'captions_{name}2017.json')
+    persons = person_classes(captions, with_person)
+    lost = {} if os.path.isfile(captions) else {captions: sum(
+        names[a['category_id']] == 'person' and not a.get('iscrowd', 0) for anns in by_image.values() for a in anns)}
     images = []
     for im in sorted(data['images'], key=lambda im: im['id']):
         objs, ignore, crowd = [], [], False
@@ -217,7 +341,7 @@ def load_split(coco, name):
         if objs:
             images.append(Img(im['id'], os.path.join(coco, f'{name}2017', im['file_name']), im['height'],
                               im['width'], objs, ignore, crowd))
-    return images
+    return images, lost
 
 
 # ---------------------------------------------------------------- selection (Sec. 3, App. A.2, Fig. 9)
@@ -288,20 +412,21 @@ def _dealer(pools, pool, rng):
     return draw
 
 
-def select(coco, audio, *, seed=0, val_frac=0.15):
-    """Read COCO + the audio listing and choose every sample: {(subset, split): [(Img, sounding ids, clips)]}.
-
-    This is the step the issue bounds (2 min, 6 GiB at COCO scale); polygons are not read (attach_polygons)."""
-    if not os.path.isdir(coco):
-        raise FileNotFoundError(f'--coco {coco}: no such directory')
-    pools, shared = find_audio(audio)
-    images = {'train': [], 'val': [], 'test': load_split(coco, 'val')}   # test = COCO val2017
-    train = load_split(coco, 'train')
-    both = {im.image_id for im in images['test']} & {im.image_id for im in train}
+def _split_images(coco, seed, val_frac):
+    """{split: [Img]} (test = COCO val2017, val = a seeded hash share of train2017) and missing captions files."""
+    test, lost = load_split(coco, 'val')
+    train, lost_train = load_split(coco, 'train')
+    both = {im.image_id for im in test} & {im.image_id for im in train}
     if both:   # inst/<image_id>.png and the split-by-image rule need ids unique across the two files
         raise ValueError(f'{coco}/annotations: image ids {sorted(both)[:5]} are in both train2017 and val2017')
+    images = {'train': [], 'val': [], 'test': test}
     for im in train:
         images['val' if _unit('split', seed, im.image_id) < val_frac else 'train'].append(im)
+    return images, {**lost_train, **lost}
+
+
+def _plan(images, pools, seed):
+    """{(subset, split): [(Img, sounding ann ids, clip of each object)]} from the images and clip pools."""
     plan = {}
     for si, (subset, pick) in enumerate(zip(SUBSETS, (_ss, _ms, _msmi))):
         for pi, split in enumerate(SPLITS):
@@ -310,7 +435,56 @@ def select(coco, audio, *, seed=0, val_frac=0.15):
                         np.random.default_rng([seed, si, pi]))
             draw = _dealer(pools, pool, np.random.default_rng([seed, si, pi, 1]))
             plan[subset, split] = [(im, loud, [draw(o.cls) for o in im.objs]) for im, loud in rows]
-    return plan, pools, shared
+    return plan
+
+
+def _silent(levels, cls_of):
+    """{clip: why} for decoded clips that cannot be a sounding source (module docstring: SILENT_RMS, SILENT_REL)."""
+    by_cls = defaultdict(list)
+    for c, rms in levels.items():
+        if not isinstance(rms, str):
+            by_cls[cls_of[c]].append(rms)
+    median = {cls: float(np.median(v)) for cls, v in by_cls.items()}
+    return {c: f'rms {rms:.2g}, class median {median[cls_of[c]]:.2g}' for c, rms in levels.items()
+            if not isinstance(rms, str) and (rms < SILENT_RMS or rms < SILENT_REL * median[cls_of[c]])}
+
+
+def select(coco, audio, *, seed=0, val_frac=0.15, workers=1, check_images=True):
+    """Read COCO + the audio listing and choose every sample: {(subset, split): [(Img, sounding ids, clips)]},
+    the clip pools, the classes sharing train/test clips and what was skipped (module docstring).
+
+    The files chosen are checked in `workers` processes: images decoded (unless not `check_images`), clips
+    decoded in full. What fails is left out and the (cheap) selection redone until everything chosen passes.
+    Polygons are not read here (attach_polygons)."""
+    if not os.path.isdir(coco):
+        raise FileNotFoundError(f'--coco {coco}: no such directory')
+    pools, shared, skipped = find_audio(audio, workers=workers)
+    images, skipped['missing_captions'] = _split_images(coco, seed, val_frac)
+    cls_of = {c: cls for cls, p in pools.items() for side in p.values() for c in side}
+    levels, bad_images, seen, silent = {}, {}, set(), {}
+    while True:
+        plan = _plan(images, pools, seed)
+        todo = sorted({(im.path, im.w, im.h) for rows in plan.values() for im, _, _ in rows} - seen) \
+            if check_images else []
+        seen.update(todo)
+        bad_images.update((t[0], w) for t, w in zip(todo, _pmap(_image_problem, todo, workers)) if w)
+        new = sorted({c for rows in plan.values() for _, _, clips in rows for c in clips if c} - set(levels))
+        levels.update(zip(new, _pmap(_clip_rms, new, workers)))
+        silent.update(_silent(levels, cls_of))
+        drop = {c for c, rms in levels.items() if isinstance(rms, str)} | set(silent)
+        if not any(im.path in bad_images or drop.intersection(clips) for rows in plan.values()
+                   for im, _, clips in rows):
+            break
+        images = {s: [im for im in v if im.path not in bad_images] for s, v in images.items()}
+        pools = {c: {k: [x for x in side if x not in drop] for k, side in p.items()} for c, p in pools.items()}
+        pools = {c: p for c, p in pools.items() if p['train'] or p['test']}
+        shared = sorted(set(shared) | set(_share(pools)))
+    skipped['broken_clips'].update((c, rms) for c, rms in levels.items() if isinstance(rms, str))
+    lost = Counter(o.cls for v in images.values() for im in v for o in im.objs
+                   if o.area >= MIN_AREA and o.cls not in pools)
+    skipped.update(silent_clips=silent, broken_images=bad_images, classes_without_audio=lost)
+    return plan, pools, shared, {k: dict(sorted(v.items())) if isinstance(v, dict) else v
+                                 for k, v in sorted(skipped.items())}
 
 
 # ---------------------------------------------------------------- writing
@@ -320,10 +494,9 @@ def attach_polygons(coco, plan):
         need = {a['id']: a for (_, split), rows in plan.items() if split in splits for im, _, _ in rows
                 for a in [o.ann for o in im.objs] + im.ignore if not isinstance(a['segmentation'], dict)}
         if need:
-            with open(_instances(coco, name)) as f:
-                for a in json.load(f)['annotations']:
-                    if a['id'] in need:
-                        need[a['id']]['segmentation'] = a['segmentation']
+            for a in read_json(_instances(coco, name))['annotations']:
+                if a['id'] in need:
+                    need[a['id']]['segmentation'] = a['segmentation']
 
 
 def _decode(seg, h, w):   # polygons, uncompressed and compressed RLE -> H, W bool
@@ -357,19 +530,21 @@ def _write_image(task):
         inst[m] = k
     Image.fromarray(inst).save(inst_path, compress_level=1)   # level 1: 2x faster to write than 6, nearly as small
     for path, pairs in masks:
-        lut = np.zeros(256, np.uint8)   # lookup table: no in-place remap (official bug: car -> airplane)
+        lut = np.zeros(256, np.uint8)   # lookup table: an id-by-id in-place remap turns car into airplane
         lut[255] = 255
         lut[[k for k, _ in pairs]] = [i for _, i in pairs]
         Image.fromarray(lut[inst]).save(path, compress_level=1)
     return im.image_id, stats
 
 
-def _write_manifests(out, manifests, meta, progress):
-    """Write `{subset}/{split}.jsonl`, meta.json and summary.json; print the summary."""
+def _write_manifests(out, manifests, meta, progress, skipped=None):
+    """Write `{subset}/{split}.jsonl`, meta.json and summary.json (with what was `skipped`); print the summary."""
     for (name, split), rows in manifests.items():
         with open(os.path.join(out, name, f'{split}.jsonl'), 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
     summary = summarise(manifests)
+    if skipped is not None:
+        summary['skipped'] = skipped
     for fname, obj in (('meta.json', meta), ('summary.json', summary)):
         with open(os.path.join(out, fname), 'w') as f:
             json.dump(obj, f, indent=1)
@@ -378,45 +553,80 @@ def _write_manifests(out, manifests, meta, progress):
     return summary
 
 
+def _refuse_nonempty(out):
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f'--out {out} exists and is not empty: give another --out, or remove it first')
+
+
+@contextlib.contextmanager
+def _new_folder(out):
+    """Yield a sibling `<out>.partial-<pid>` to write into, renamed to `out` once the block succeeds and removed if
+    it fails. `out` must not exist or be empty: a build never mixes its files with an older one's."""
+    _refuse_nonempty(out)
+    tmp = f'{os.path.normpath(out)}.partial-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)   # left by a killed run of ours that had the same pid
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(out) and not os.listdir(out):
+        os.rmdir(out)
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        raise FileExistsError(f'--out {out}: {e.strerror}; the finished build is in {tmp}') from None
+
+
+def _mask_jobs(plan, tmp):
+    """One job per image: (Img, inst path, [(mask path, [(instance k, class index)])]), sorted by image id."""
+    tasks = {}
+    for (subset, split), rows in plan.items():
+        os.makedirs(os.path.join(tmp, f'vpo_{subset}', 'masks', split), exist_ok=True)
+        for n, (im, loud, _) in enumerate(rows):
+            t = tasks.setdefault(im.image_id, (im, os.path.join(tmp, 'inst', f'{im.image_id}.png'), []))
+            t[2].append((os.path.join(tmp, f'vpo_{subset}', 'masks', split, f'{n:06d}.png'),
+                         [(k + 1, CLS_INDEX[o.cls]) for k, o in enumerate(im.objs) if o.ann_id in loud]))
+    os.makedirs(os.path.join(tmp, 'inst'), exist_ok=True)
+    return [tasks[i] for i in sorted(tasks)]
+
+
 def build(coco, audio, out, *, seed=0, itd=False, val_frac=0.15, workers=min(4, os.cpu_count() or 1),
           progress=True):
-    """Build VPO-SS/MS/MSMI under `out` in the layout of SPEC.md; return the summary (App. A.1)."""
+    """Build VPO-SS/MS/MSMI into the new folder `out` (layout: README); return the summary (App. A.1).
+
+    `out` must not exist or be empty; it appears complete or not at all (_new_folder). Files are checked and
+    what is left out is listed in the summary (module docstring)."""
+    _refuse_nonempty(out)   # now, not after minutes of selection
     t0 = time.perf_counter()
-    plan, pools, shared = select(coco, audio, seed=seed, val_frac=val_frac)
+    plan, pools, shared, skipped = select(coco, audio, seed=seed, val_frac=val_frac, workers=workers)
     if progress:
-        print(f'selection: {time.perf_counter() - t0:.1f} s; classes without audio: '
-              f'{[c for c in VPO_CLASSES[1:] if c not in pools]}; shared train/test audio: {shared}')
+        print(f'selection and file checks: {time.perf_counter() - t0:.1f} s; shared train/test audio: {shared}')
     attach_polygons(coco, plan)
-    tasks = {}   # image_id -> (Img, inst path, [(mask path, [(k, class index)])])
-    for (subset, split), rows in plan.items():
-        os.makedirs(os.path.join(out, f'vpo_{subset}', 'masks', split), exist_ok=True)
-        for n, (im, loud, _) in enumerate(rows):
-            t = tasks.setdefault(im.image_id, (im, os.path.join(out, 'inst', f'{im.image_id}.png'), []))
-            t[2].append((os.path.join(out, f'vpo_{subset}', 'masks', split, f'{n:06d}.png'),
-                         [(k + 1, CLS_INDEX[o.cls]) for k, o in enumerate(im.objs) if o.ann_id in loud]))
-    os.makedirs(os.path.join(out, 'inst'), exist_ok=True)
-    jobs = [tasks[i] for i in sorted(tasks)]
-    bar = dict(total=len(jobs), desc='writing masks', disable=not progress)
-    if workers > 1:
-        with multiprocessing.Pool(workers) as p:
-            stats = dict(tqdm(p.imap(_write_image, jobs, chunksize=16), **bar))
-    else:
-        stats = dict(tqdm(map(_write_image, jobs), **bar))
-    rel = lambda p: os.path.relpath(p, out) if p else None
-    manifests = {}
-    for (subset, split), rows in plan.items():
-        manifests[f'vpo_{subset}', split] = [{
-            'id': f'vpo_{subset}/{split}/{n:06d}', 'image': rel(im.path), 'image_id': im.image_id,
-            'height': im.h, 'width': im.w, 'mask': f'vpo_{subset}/masks/{split}/{n:06d}.png',
-            'inst': f'inst/{im.image_id}.png',
-            'objects': [{'cls': o.cls, 'ann_id': o.ann_id, 'alpha': stats[im.image_id][o.ann_id][0],
-                         'area': stats[im.image_id][o.ann_id][1], 'sounding': o.ann_id in loud, 'clip': rel(c)}
-                        for o, c in zip(im.objs, clips)]} for n, (im, loud, clips) in enumerate(rows)]
-    meta = {'version': VERSION, 'seed': seed, 'itd': itd, 'classes': VPO_CLASSES, 'source': 'coco+vggsound',
-            'val_frac': val_frac, 'min_area': MIN_AREA, 'alpha_gap': ALPHA_GAP, 'max_sources': MAX_SOURCES,
-            'audio_clips': {c: {k: len(v) for k, v in p.items()} for c, p in pools.items()},
-            'shared_audio': shared}
-    return _write_manifests(out, manifests, meta, progress)
+    with _new_folder(out) as tmp:
+        jobs = _mask_jobs(plan, tmp)
+        bar = dict(total=len(jobs), desc='writing masks', disable=not progress)
+        if workers > 1:
+            with multiprocessing.Pool(workers) as p:
+                stats = dict(tqdm(p.imap(_write_image, jobs, chunksize=16), **bar))
+        else:
+            stats = dict(tqdm(map(_write_image, jobs), **bar))
+        rel = lambda p: os.path.relpath(p, out) if p else None   # `tmp` is a sibling of `out`: same relative paths
+        manifests = {}
+        for (subset, split), rows in plan.items():
+            manifests[f'vpo_{subset}', split] = [{
+                'id': f'vpo_{subset}/{split}/{n:06d}', 'image': rel(im.path), 'image_id': im.image_id,
+                'height': im.h, 'width': im.w, 'mask': f'vpo_{subset}/masks/{split}/{n:06d}.png',
+                'inst': f'inst/{im.image_id}.png',
+                'objects': [{'cls': o.cls, 'ann_id': o.ann_id, 'alpha': stats[im.image_id][o.ann_id][0],
+                             'area': stats[im.image_id][o.ann_id][1], 'sounding': o.ann_id in loud, 'clip': rel(c)}
+                            for o, c in zip(im.objs, clips)]} for n, (im, loud, clips) in enumerate(rows)]
+        meta = {'version': VERSION, 'seed': seed, 'itd': itd, 'classes': VPO_CLASSES, 'source': 'coco+vggsound',
+                'val_frac': val_frac, 'min_area': MIN_AREA, 'alpha_gap': ALPHA_GAP, 'max_sources': MAX_SOURCES,
+                'audio_clips': {c: {k: len(v) for k, v in p.items()} for c, p in pools.items()},
+                'shared_audio': shared}
+        return _write_manifests(tmp, manifests, meta, progress, skipped)
 
 
 # ---------------------------------------------------------------- summary (App. A.1, Fig. 8)
@@ -437,8 +647,8 @@ def summarise(manifests):
 
 
 def print_summary(summary):
-    """Table of sounding objects per class (rows) and subset (columns: train/val/test), then samples."""
-    names = list(summary)
+    """Table of sounding objects per class (rows) and subset (columns: train/val/test), samples, what was skipped."""
+    names = [n for n in summary if n != 'skipped']
     print(f'{"class":14s}' + ''.join(f'{n + " train/val/test":>26s}' for n in names))
     cell = lambda d: '/'.join(str(d.get(k, 0)) for k in SPLITS)
     for c in VPO_CLASSES[1:]:
@@ -447,12 +657,53 @@ def print_summary(summary):
     for n in names:
         i = summary[n]['imbalance']
         print(f'{n}: imbalance N_max/N_min = {i["ratio"]} ({i["max"]} / {i["min"]}); missing: {i["missing"]}')
+    print_skipped(summary.get('skipped') or {})
 
 
-# ---------------------------------------------------------------- official release (NOTES-official-code.md)
+def print_skipped(skipped):
+    """What a build left out and what that costs, a few names each (summary.json has them all)."""
+    def few(names):
+        names = list(names)
+        return ', '.join(names[:3]) + (f', ... ({len(names)} in all)' if len(names) > 3 else '')
+    known = {folder_name(label) for label in LABEL_TO_CLASS}
+    folders = [d + (f' (meant {folder_name(d)}?)' if folder_name(d) in known else '')
+               for d in skipped.get('unknown_audio_folders', ())]
+    if folders:
+        print(f'skipped audio folders that are not Table 7 labels: {few(folders)}')
+    if skipped.get('missing_clips'):
+        print(f'skipped {skipped["missing_clips"]} vggsound.csv lines of Table 7 labels: no clip on disk')
+    for key in ('broken_clips', 'silent_clips', 'broken_images'):
+        if skipped.get(key):
+            print(f'left out {len(skipped[key])} {key.replace("_", " ")}: '
+                  f'{few(f"{k} ({v})" for k, v in skipped[key].items())}')
+    for path, n in skipped.get('missing_captions', {}).items():
+        print(f'no captions file {path}: its {n} persons are painted 255 = ignore (male/female/baby undecided)')
+    if skipped.get('classes_without_audio'):
+        print('classes without audio: ' + ', '.join(f'{c} ({n} objects cannot sound)'
+                                                    for c, n in skipped['classes_without_audio'].items()))
+
+
+# ---------------------------------------------------------------- official release (authors' config/config_vpo_*.py)
 def _remap_official(src, dst):
-    ids = np.asarray(Image.open(src).convert('L'))   # H, W: COCO ids + 92/93/94
-    Image.fromarray(OFFICIAL_LUT[ids]).save(dst)      # lookup table, not the official in-place remap
+    """Released mask (ids stored in an L or P PNG: COCO ids + 92/93/94) -> our class indices, written to dst."""
+    with Image.open(src) as m:
+        if m.mode not in ('L', 'P', 'I', 'I;16'):   # P: the stored palette indices are the ids, not the colours
+            raise ValueError(f'{src}: a {m.mode} mask cannot hold class ids; expected a single-channel PNG (L or P)')
+        ids = np.asarray(m)   # H, W
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
+        raise ValueError(f'{src}: mask ids {ids.min()}..{ids.max()} outside 0..255')
+    Image.fromarray(OFFICIAL_LUT[ids.astype(np.uint8)]).save(dst)   # lookup table, not an id-by-id remap
+
+
+def official_cache(root):
+    """Where read_official() keeps what it derives from the release at `root`: OFFICIAL_CACHE/<name>-<hash of the
+    release's absolute path>. Never inside the release: it may be read-only, and it is the user's."""
+    real = os.path.realpath(root)
+    return os.path.join(OFFICIAL_CACHE, f'{os.path.basename(real) or "release"}-'
+                                        f'{hashlib.blake2b(real.encode(), digest_size=6).hexdigest()}')
+
+
+_ANNOUNCED = set()   # caches whose place was printed by this process
 
 
 def read_official(root, subset, split, *, audio=None, seed=0, val_frac=0.15, cache=None, progress=True):
@@ -461,16 +712,20 @@ def read_official(root, subset, split, *, audio=None, seed=0, val_frac=0.15, cac
     Their 'val' split is their test set -> our 'test'; our 'val' is `val_frac` of their train images by the
     same seeded image hash as build(). Only sounding objects are known (no silent ones, no areas, no instance
     map: 'inst' is None). Paths are absolute; 'mask' is the released mask remapped by OFFICIAL_LUT to our
-    class indices, written once into `cache` (default ROOT/cavp_masks, mirroring the release's file names)."""
+    class indices, written into `cache` (default official_cache(root): <repo>/data/official/<release>-<hash>/,
+    mirroring the release's file names; remade when the released mask is newer). The release is only read."""
     subset = subset.removeprefix('vpo_')
     if split not in SPLITS:
         raise ValueError(f'unknown split {split!r}; known: {SPLITS}')
     rows = _official_rows(root, subset, audio=audio, seed=seed, val_frac=val_frac)[split]
-    cache = cache or os.path.join(root, 'cavp_masks')
+    cache = cache or official_cache(root)
+    if progress and cache not in _ANNOUNCED:
+        _ANNOUNCED.add(cache)
+        print(f'official VPO {root}: remapped masks are kept in {cache}')
     todo = []
     for r in rows:
         src, r['mask'] = r['mask'], os.path.join(cache, os.path.relpath(r['mask'], root))
-        if not os.path.isfile(r['mask']):
+        if not os.path.isfile(r['mask']) or os.path.getmtime(r['mask']) < os.path.getmtime(src):
             todo.append((src, r['mask']))
     for src, dst in tqdm(todo, desc=f'remapping vpo_{subset}/{split} masks', disable=not progress or not todo):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -479,31 +734,83 @@ def read_official(root, subset, split, *, audio=None, seed=0, val_frac=0.15, cac
     return rows
 
 
+def _official_audio(root, audio):
+    """The folder of the released clips: AUDIO/audios if given, else ROOT/VGGSound/audios or, as the authors'
+    config/config_vpo_*.py lay it out (<datasets>/VPO/VPO-SS, <datasets>/vggsound_bench/VGGSound/audios),
+    ROOT/../vggsound_bench/VGGSound/audios."""
+    if audio:
+        places = [os.path.join(audio, 'audios')]
+    else:
+        places = [os.path.join(root, 'VGGSound', 'audios'),
+                  os.path.join(os.path.dirname(os.path.abspath(root)), 'vggsound_bench', 'VGGSound', 'audios')]
+    found = next((p for p in places if os.path.isdir(p)), None)
+    if not found:
+        raise FileNotFoundError(f'released clips not found in {" nor ".join(places)}; give --audio (the folder '
+                                f'holding audios/)')
+    return found
+
+
+def _inside(folder, name, where):
+    """folder/name, refusing a name from a csv that is absolute or climbs out of `folder`."""
+    path = os.path.join(folder, name)
+    base = os.path.abspath(folder)
+    if os.path.isabs(name) or os.path.commonpath([base, os.path.abspath(path)]) != base:
+        raise ValueError(f'{where} {name!r} resolves outside {folder}')
+    return path
+
+
+def _official_lines(table):
+    """[(line number, row dict)] of a released csv, every field present and parsed; bad lines name themselves."""
+    need = ('split', 'cateName', 'img_Id', 'ann_Ids', 'vgg_file', 'audio_pos')
+    try:
+        with open(table, newline='') as f:
+            reader = csv.DictReader(f)
+            lines = list(enumerate(reader, 2))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f'{table}: not a text csv file: {e}') from None
+    missing = [k for k in need if k not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f'{table}: columns {missing} missing (header {reader.fieldnames}); expected a released '
+                         f'vpo_*_data_stereo.csv')
+    for line, r in lines:
+        if None in r or None in r.values():   # DictReader: extra fields under None, missing ones None
+            got = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None, ()))
+            raise ValueError(f'{table}:{line}: {got} fields, the header has {len(reader.fieldnames)} (truncated?)')
+        if r['cateName'] not in CLS_INDEX:
+            raise ValueError(f'{table}:{line}: unknown class {r["cateName"]!r}; known: {VPO_CLASSES[1:]}')
+        for key, parse in (('img_Id', int), ('ann_Ids', lambda s: int(float(s))), ('audio_pos', float),
+                           ('multi_instance', lambda s: int(float(s or 1)))):
+            try:
+                r[key] = parse(r.get(key))
+            except (ValueError, OverflowError, TypeError):
+                raise ValueError(f'{table}:{line}: {key} {r.get(key)!r} is not a number') from None
+        if not 0.0 <= r['audio_pos'] <= 1.0:
+            raise ValueError(f'{table}:{line}: audio_pos {r["audio_pos"]} outside [0, 1]')
+    return lines
+
+
 def _official_rows(root, subset, *, audio=None, seed=0, val_frac=0.15):
     """{split: rows} of a released csv; SS: one row per line, MS/MSMI: lines grouped by image; raw masks."""
     base = os.path.join(root, f'VPO-{subset.upper()}')
     table = os.path.join(base, f'vpo_{subset}_data_stereo.csv')
     if not os.path.isfile(table):
         raise FileNotFoundError(f'{table}: released VPO csv not found (--official must hold VPO-{subset.upper()}/)')
-    audio = os.path.join(audio or os.path.join(root, 'VGGSound'), 'audios')
+    audio = _official_audio(root, audio)
 
     def find(folder, name, cate):   # released files are flat or in per-class folders, depending on the subset
         paths = [os.path.join(folder, name), os.path.join(folder, cate, name)]
         return next((p for p in paths if os.path.isfile(p)), paths[0])
     groups = {}
-    with open(table, newline='') as f:
-        for line, r in enumerate(csv.DictReader(f), 2):
-            if r['cateName'] not in CLS_INDEX:
-                raise ValueError(f'{table}:{line}: unknown class {r["cateName"]!r}; known: {VPO_CLASSES[1:]}')
-            img, ann = int(r['img_Id']), int(float(r['ann_Ids']))
-            key = (r['split'], img, ann, line) if subset == 'ss' else (r['split'], img)
-            groups.setdefault(key, []).append((line, r))
+    for line, r in _official_lines(table):
+        r['clip'] = _inside(audio, r['vgg_file'] + '.wav', f'{table}:{line}: vgg_file')
+        key = (r['split'], r['img_Id'], r['ann_Ids'], line) if subset == 'ss' else (r['split'], r['img_Id'])
+        groups.setdefault(key, []).append((line, r))
     rows = {s: [] for s in SPLITS}
     for key, lines in groups.items():
         (line, r0), lines = lines[0], [r for _, r in lines]
         img = key[1]
         split = 'test' if key[0] in ('val', 'test') else 'val' if _unit('split', seed, img) < val_frac else 'train'
-        folder = base if subset != 'msmi' or int(float(r0.get('multi_instance') or 1)) else \
+        folder = base if subset != 'msmi' or r0['multi_instance'] else \
             os.path.join(root, 'VPO-MS')   # MSMI lines with multi_instance = 0 live in VPO-MS
         name = f'{img:012d}_{key[2]:012d}.png' if subset == 'ss' else f'{img:012d}.png'
         mask = find(os.path.join(folder, 'mask'), name, r0['cateName'])
@@ -512,39 +819,93 @@ def _official_rows(root, subset, *, audio=None, seed=0, val_frac=0.15):
         with Image.open(mask) as m:
             width, height = m.size
         rows[split].append({
-            'id': f'vpo_{subset}/{split}/{len(rows[split]):06d}', 'image': find(os.path.join(folder, 'data'), f'{img:012d}.jpg', r0['cateName']),
+            'id': f'vpo_{subset}/{split}/{len(rows[split]):06d}',
+            'image': find(os.path.join(folder, 'data'), f'{img:012d}.jpg', r0['cateName']),
             'image_id': img, 'height': height, 'width': width, 'mask': mask, 'inst': None,
-            'objects': [{'cls': r['cateName'], 'ann_id': int(float(r['ann_Ids'])), 'alpha': float(r['audio_pos']),
-                         'area': None, 'sounding': True, 'clip': os.path.join(audio, r['vgg_file'] + '.wav')}
-                        for r in lines]})
+            'objects': [{'cls': r['cateName'], 'ann_id': r['ann_Ids'], 'alpha': r['audio_pos'], 'area': None,
+                         'sounding': True, 'clip': r['clip']} for r in lines]})
     return rows
 
 
 def convert_official(root, out, *, audio=None, seed=0, val_frac=0.15, progress=True):
-    """Turn the released VPO into our layout under `out` (masks remapped by OFFICIAL_LUT); return the summary."""
+    """Turn the released VPO into our layout in the new folder `out` (masks remapped by OFFICIAL_LUT; `out` appears
+    complete or not at all, as in build()); return the summary."""
     found = [s for s in SUBSETS if os.path.isfile(os.path.join(root, f'VPO-{s.upper()}', f'vpo_{s}_data_stereo.csv'))]
     if not found:
         raise FileNotFoundError(f'--official {root}: no VPO-SS/MS/MSMI/vpo_*_data_stereo.csv found')
     manifests = {}
-    for subset in found:
-        for split, rows in _official_rows(root, subset, audio=audio, seed=seed, val_frac=val_frac).items():
-            os.makedirs(os.path.join(out, f'vpo_{subset}', 'masks', split), exist_ok=True)
-            for n, r in enumerate(tqdm(rows, desc=f'vpo_{subset}/{split}', disable=not progress)):
-                src, r['mask'] = r['mask'], f'vpo_{subset}/masks/{split}/{n:06d}.png'
-                _remap_official(src, os.path.join(out, r['mask']))
-                r['image'] = os.path.relpath(r['image'], out)
-                for o in r['objects']:
-                    o['clip'] = os.path.relpath(o['clip'], out)
-            manifests[f'vpo_{subset}', split] = rows
-    meta = {'version': VERSION, 'seed': seed, 'itd': False, 'classes': VPO_CLASSES, 'source': 'official',
-            'val_frac': val_frac}
-    return _write_manifests(out, manifests, meta, progress)
+    with _new_folder(out) as tmp:
+        for subset in found:
+            for split, rows in _official_rows(root, subset, audio=audio, seed=seed, val_frac=val_frac).items():
+                os.makedirs(os.path.join(tmp, f'vpo_{subset}', 'masks', split), exist_ok=True)
+                for n, r in enumerate(tqdm(rows, desc=f'vpo_{subset}/{split}', disable=not progress)):
+                    src, r['mask'] = r['mask'], f'vpo_{subset}/masks/{split}/{n:06d}.png'
+                    _remap_official(src, os.path.join(tmp, r['mask']))
+                    r['image'] = os.path.relpath(r['image'], out)
+                    for o in r['objects']:
+                        o['clip'] = os.path.relpath(o['clip'], out)
+                manifests[f'vpo_{subset}', split] = rows
+        meta = {'version': VERSION, 'seed': seed, 'itd': False, 'classes': VPO_CLASSES, 'source': 'official',
+                'val_frac': val_frac}
+        return _write_manifests(tmp, manifests, meta, progress)
 
 
-# ---------------------------------------------------------------- selection benchmark (issue: 2 min, 6 GiB)
-def _fake_coco(root, n_images, points, seed):
+def _outside_builtin_cache(out):
+    """Refuse an --out inside data/ beside vpo.py or a folder holding builtin.json: data.py writes, rebuilds and
+    deletes the built-in source there, and would take a real build there for the built-in one."""
+    real, cache = os.path.realpath(out), os.path.realpath(os.path.join(HERE, 'data'))
+    up = [real]
+    while os.path.dirname(up[-1]) != up[-1]:
+        up.append(os.path.dirname(up[-1]))
+    if cache in up or any(os.path.isfile(os.path.join(d, 'builtin.json')) for d in up):
+        raise ValueError(f'--out {out}: inside {cache if cache in up else "a built-in cache (builtin.json)"}, which '
+                         f'data.py rebuilds for its built-in source; give a folder elsewhere')
+
+
+def main():
+    ap = argparse.ArgumentParser(description='Build the VPO benchmark (paper Sec. 3) or convert the released one.')
+    # inputs
+    ap.add_argument('--coco', default=None, help='COCO 2017 root: annotations/instances_{train,val}2017.json, '
+                                                 'optional captions_*2017.json, train2017/, val2017/')
+    ap.add_argument('--audio', default=None, help='VGGSound: per-label folders or vggsound.csv + clips; with '
+                                                  '--official: the folder holding audios/ (default OFFICIAL/VGGSound '
+                                                  'or OFFICIAL/../vggsound_bench/VGGSound)')
+    ap.add_argument('--official', default=None, help='convert the released VPO (folder holding VPO-SS/MS/MSMI) instead')
+    ap.add_argument('--out', default=None, help='required: a new output folder (absent or empty), not inside data/ '
+                                                '(the built-in cache, which data.py rebuilds)')
+    # synthesis
+    ap.add_argument('--seed', type=int, default=0, help='seed of splits, selection and clip pairing')
+    ap.add_argument('--itd', action='store_true', default=False, help='record that loaders add an interaural delay')
+    ap.add_argument('--val-frac', type=float, default=0.15, help='share of train2017 images in the val split')
+    ap.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1),
+                    help='processes checking files and writing masks')
+    # benchmark
+    ap.add_argument('--bench-selection', type=int, default=0, metavar='N_IMAGES',
+                    help='time selection on a generated COCO-sized file of N images (118287 = train2017) and exit')
+    args = ap.parse_args()
+    if args.bench_selection:
+        return bench_selection(args.bench_selection)
+    if not (args.official or (args.coco and args.audio)):
+        ap.error('give --coco and --audio, or --official, or --bench-selection')
+    if not args.out:
+        ap.error('--out is required: a new folder for the benchmark')
+    try:
+        _outside_builtin_cache(args.out)
+        if args.official:
+            convert_official(args.official, args.out, audio=args.audio, seed=args.seed, val_frac=args.val_frac)
+        else:
+            build(args.coco, args.audio, args.out, seed=args.seed, itd=args.itd, val_frac=args.val_frac,
+                  workers=args.workers)
+    except (ValueError, OSError, KeyError) as e:   # bad input: one line, no traceback
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- selection benchmark (--bench-selection)
+def _fake_coco(root, n_images, seed=0):
     """COCO-train2017-like files: 7.3 instances per image (860k / 118k), COCO's class frequencies (60 non-VPO
-    classes lumped evenly), 3 theme classes per image, log-uniform areas, 1% crowd RLE, `points`-vertex polygons."""
+    classes lumped evenly), 3 theme classes per image, log-uniform areas, 1% crowd RLE, 24-vertex polygons;
+    5 short noise clips per Table 7 label. No images: the benchmark selects with check_images=False."""
     rng = np.random.default_rng(seed)
     freq = {'person': 262000, 'car': 44000, 'bird': 10800, 'sheep': 9500, 'motorcycle': 8700, 'cow': 8100,
             'horse': 6600, 'cell phone': 6400, 'sports ball': 6300, 'bus': 6100, 'skateboard': 5500,
@@ -559,43 +920,44 @@ def _fake_coco(root, n_images, points, seed):
         cat = rng.choice(len(cats), (n, 3), p=p)[img - i0, np.minimum(rng.geometric(0.6, len(img)) - 1, 2)]
         side = np.exp(rng.uniform(np.log(5), np.log(400), len(img)))                               # sqrt(area)
         xy = rng.uniform(0, 1, (len(img), 2)) * (np.array([640, 480]) - side[:, None] / 2)         # A, 2
-        poly = np.round(xy[:, None] + rng.uniform(0, 0.5, (len(img), points, 2)) * side[:, None, None], 2)  # A, P, 2
-        crowd = rng.random(len(img)) < 0.01
+        poly = np.round(xy[:, None] + rng.uniform(0, 0.5, (len(img), 24, 2)) * side[:, None, None], 2)  # A, 24, 2
+        anns = (f'{{"id": {a + 1}, "image_id": {i}, "category_id": {cats[c]["id"]}, "iscrowd": {int(z)}, "area": '
+                f'{w * w / 4:.2f}, "bbox": [{u:.2f}, {v:.2f}, {w / 2:.2f}, {w / 2:.2f}], "segmentation": '
+                f'{crowd_rle if z else [pl]}}}' for a, (i, c, z, w, (u, v), pl) in enumerate(zip(
+                    img.tolist(), cat.tolist(), (rng.random(len(img)) < 0.01).tolist(), side.tolist(), xy.tolist(),
+                    poly.reshape(len(img), -1).tolist())))
         head = json.dumps({'categories': cats, 'images': [{'id': i, 'file_name': f'{i:012d}.jpg', 'height': 480,
                                                            'width': 640} for i in range(i0, i0 + n)]})
         with open(os.path.join(root, 'annotations', f'instances_{split}2017.json'), 'w') as f:
             f.write(head[:-1] + ', "annotations": [')
-            f.writelines(f'{", " if a else ""}{{"id": {a + 1}, "image_id": {i}, "category_id": {cats[c]["id"]}, '
-                         f'"iscrowd": {int(z)}, "area": {w * w / 4:.2f}, "bbox": [{u:.2f}, {v:.2f}, {w / 2:.2f}, '
-                         f'{w / 2:.2f}], "segmentation": {crowd_rle if z else [pl]}}}' for a, (i, c, z, w, (u, v), pl)
-                         in enumerate(zip(img.tolist(), cat.tolist(), crowd.tolist(), side.tolist(), xy.tolist(),
-                                          poly.reshape(len(img), -1).tolist())))
+            f.writelines((', ' if a else '') + ann for a, ann in enumerate(anns))   # streamed: GBs at full size
             f.write(']}')
         words = np.array(['a man', 'a woman', 'a baby', 'people', 'a person'])[rng.integers(5, size=n)]
         with open(os.path.join(root, 'annotations', f'captions_{split}2017.json'), 'w') as f:
-            f.write(json.dumps({'annotations': [{'image_id': i + i0, 'id': 5 * i + k, 'caption': f'{w} with a dog'}
-                                                for i, w in enumerate(words.tolist()) for k in range(5)]}))
-    for label in LABEL_TO_CLASS:   # listed, never decoded: empty files will do
+            json.dump({'annotations': [{'image_id': i + i0, 'id': 5 * i + k, 'caption': f'{w} with a dog'}
+                                       for i, w in enumerate(words.tolist()) for k in range(5)]}, f)
+    for label in LABEL_TO_CLASS:
         os.makedirs(os.path.join(root, 'audio', folder_name(label)))
         for k in range(5):
-            open(os.path.join(root, 'audio', folder_name(label), f'clip{k}.wav'), 'w').close()
+            sf.write(os.path.join(root, 'audio', folder_name(label), f'clip{k}.wav'),
+                     0.1 * rng.standard_normal(800).astype(np.float32), 16000)
 
 
 def _timed_select(coco, audio):
     t = time.perf_counter()
-    plan, _, _ = select(coco, audio)
+    plan = select(coco, audio, check_images=False)[0]
     use = resource.getrusage(resource.RUSAGE_SELF)   # CPU seconds too: wall time depends on the machine's load
     return time.perf_counter() - t, use.ru_utime + use.ru_stime, use.ru_maxrss / 2 ** 20, \
         {f'{a}/{b}': len(v) for (a, b), v in plan.items()}
 
 
-def bench_selection(n_images, *, points=24, seed=0):
+def bench_selection(n_images, *, seed=0):
     """Generate a COCO-sized file in a temp dir, time select() in a fresh process; peak RSS (GiB) of that process."""
     ctx = multiprocessing.get_context('spawn')   # a child inherits its parent's peak RSS: keep this one small
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         with ctx.Pool(1) as p:
-            p.apply(_fake_coco, (tmp, n_images, points, seed))
+            p.apply(_fake_coco, (tmp, n_images, seed))
         size = os.path.getsize(os.path.join(tmp, 'annotations', 'instances_train2017.json')) / 2 ** 20
         print(f'generated {n_images} images ({size:.0f} MiB json) in {time.perf_counter() - t:.0f} s')
         with ctx.Pool(1) as p:   # a fresh process: its peak RSS is selection's alone
@@ -603,35 +965,6 @@ def bench_selection(n_images, *, points=24, seed=0):
     print(f'selection: {seconds:.1f} s wall, {cpu:.1f} s CPU, peak RSS {gib:.2f} GiB; load average '
           f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; samples: {counts}')
     return {'seconds': seconds, 'cpu_seconds': cpu, 'peak_gib': gib, 'json_mib': size, 'samples': counts}
-
-
-def main():
-    ap = argparse.ArgumentParser(description='Build the VPO benchmark (paper Sec. 3) or convert the released one.')
-    # inputs
-    ap.add_argument('--coco', default=None, help='COCO 2017 root: annotations/instances_{train,val}2017.json, '
-                                                 'optional captions_*2017.json, train2017/, val2017/')
-    ap.add_argument('--audio', default=None, help='VGGSound: per-label folders or vggsound.csv + clips; with '
-                                                  '--official: the folder holding audios/ (default OFFICIAL/VGGSound)')
-    ap.add_argument('--official', default=None, help='convert the released VPO (folder holding VPO-SS/MS/MSMI) instead')
-    ap.add_argument('--out', default='data/vpo', help='output folder')
-    # synthesis
-    ap.add_argument('--seed', type=int, default=0, help='seed of splits, selection and clip pairing')
-    ap.add_argument('--itd', action='store_true', default=False, help='record that loaders add an interaural delay')
-    ap.add_argument('--val-frac', type=float, default=0.15, help='share of train2017 images in the val split')
-    ap.add_argument('--workers', type=int, default=min(4, os.cpu_count() or 1), help='processes writing masks')
-    # benchmark
-    ap.add_argument('--bench-selection', type=int, default=0, metavar='N_IMAGES',
-                    help='time selection on a generated COCO-sized file of N images (118287 = train2017) and exit')
-    args = ap.parse_args()
-    if args.bench_selection:
-        bench_selection(args.bench_selection)
-    elif args.official:
-        convert_official(args.official, args.out, audio=args.audio, seed=args.seed, val_frac=args.val_frac)
-    elif args.coco and args.audio:
-        build(args.coco, args.audio, args.out, seed=args.seed, itd=args.itd, val_frac=args.val_frac,
-              workers=args.workers)
-    else:
-        ap.error('give --coco and --audio, or --official, or --bench-selection')
 
 
 if __name__ == '__main__':
