@@ -1972,6 +1972,13 @@ def tiny_run(root, out, *extra):
     return train.main(['--data', 'vpo_ss', '--root', root, '--out', str(out), *TINY, *extra])
 
 
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--root', str(tmp_path / 'typo')],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith('error: --root') and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_a_mistyped_root_is_an_error_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match='--root'):
         tiny_run(str(tmp_path / 'typo'), tmp_path, '--epochs', '1')

@@ -668,4 +668,5 @@ if __name__ == '__main__':
     try:
         main()
     except (OSError, ValueError) as e:   # bad input: one line naming the file or flag, no traceback
-        sys.exit(f'error: {e}')
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
