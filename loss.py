@@ -155,14 +155,20 @@ def sample_pixels(role, *, max_anchors, pos_frac, generator=None):
 def pixel_roles(y, a_hot, own_hot, *, size):
     """Eq. 2 on the feature lattice. y (B, H, W) long labels at full resolution; a_hot (B, C) classes of the audio
     each row was fused with; own_hot (B, C) classes of the row's image's own audio -> role (N = B*h*w,) long, with
-    (h, w) = size. Labels are taken to the lattice by nearest neighbour, as the official code does (no mixing)."""
+    (h, w) = size (labels_at)."""
     B, (h, w) = y.shape[0], size
     if y.dim() != 3 or a_hot.shape[0] != B or own_hot.shape[0] != B:
         raise ValueError(f'loss.pixel_roles: y {tuple(y.shape)} must be (B, H, W) and a_hot {tuple(a_hot.shape)}, '
                          f'own_hot {tuple(own_hot.shape)} (B, C)')
-    y = F.interpolate(y[:, None].float(), size=(h, w), mode='nearest')[:, 0].long().flatten()   # N
+    y = labels_at(y, (h, w))                                                                     # N
     image = torch.arange(B, device=y.device).repeat_interleave(h * w)                           # N: row of each pixel
     return anchor_sets(y, a_hot[image], own_hot[image])
+
+
+def labels_at(y, size):
+    """y (B, H, W) long labels -> (B*h*w,) on the (h, w) feature lattice, by nearest neighbour as the official code
+    (no label mixing)."""
+    return F.interpolate(y[:, None].float(), size=tuple(size), mode='nearest')[:, 0].long().flatten()
 
 
 def gather_pixels(z, idx):
@@ -185,7 +191,7 @@ def contrastive_loss(z, y, a_hot, own_hot, *, mode='cavp', tau=0.1, max_anchors=
     if mode == 'cavp':
         role = pixel_roles(y, a_hot, own_hot, size=(h, w))                                # Eq. 2
     elif mode == 'supcon':
-        y = F.interpolate(y[:, None].float(), size=(h, w), mode='nearest')[:, 0].long().flatten()
+        y = labels_at(y, (h, w))
         role = y.masked_fill(y == IGNORE, ROLE_IGNORE)
     else:
         raise ValueError(f"loss.contrastive_loss: mode must be 'cavp' or 'supcon', got {mode!r}")
