@@ -163,7 +163,7 @@ def get_args(argv=None):
     same run."""
     p = get_parser()
     args = p.parse_args(argv)
-    given = {k for k, v in vars(quiet_parser(p).parse_args(argv)).items()}   # flags typed on the command line
+    given = set(vars(quiet_parser(p).parse_args(argv)))   # the flags typed on the command line
     args.preset = args.preset if args.preset != 'auto' else ('paper' if torch.cuda.is_available() else 'cpu')
     if args.data in data.AVSBENCH:   # AVSBench: mono 1 s VGGish examples (App. B.1, following [63])
         args.audio_backbone = args.audio_backbone or 'vggish'
