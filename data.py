@@ -58,16 +58,7 @@ def palette(n=256):
 
 
 # -----------------------------------------------------------------------------------------------
-# reading inputs: JSON named when it is damaged, names kept inside their folder, id masks by value
-
-def _load_json(path):
-    """The JSON document in `path`; a truncated or malformed file raises ValueError naming it."""
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})') from e
-
+# reading inputs: manifests named when damaged, id masks by value (vpo.read_json, vpo.inside, vpo.id_array)
 
 def _read_jsonl(path):
     """The rows of a JSON-lines manifest (blank lines skipped); a bad line raises ValueError naming file:line."""
@@ -83,19 +74,6 @@ def _read_jsonl(path):
     return rows
 
 
-def _inside(folder, *names, source):
-    """folder/name/...: each name read from a manifest or a metadata CSV (`source`) must stay inside the
-    folder it is relative to, so an absolute name, or `..` parts that climb out, raise ValueError."""
-    path = folder
-    for name in names:
-        sub = os.path.join(path, name)
-        rel = os.path.relpath(os.path.normpath(sub), os.path.normpath(path))
-        if os.path.isabs(name) or rel == '..' or rel.startswith('..' + os.sep):
-            raise ValueError(f'{source}: file name {name!r} is absolute or leaves {path}')
-        path = sub
-    return path
-
-
 def _open(path, what, where):
     try:
         im = Image.open(path)
@@ -106,21 +84,8 @@ def _open(path, what, where):
 
 
 def read_id_mask(path, what='mask', where=None):
-    """Mode-L PIL image of the ids stored in an id PNG (label masks and instance maps): L as stored, P by
-    its index values (not the brightness of their colours), 1 as 0/1, I / I;16 when every value fits
-    0..255. Colour modes (RGB, RGBA, ...) hold no ids: ValueError naming the file (and `where` it is listed)."""
-    img = _open(path, what, where)
-    src = f' (from {where})' if where else ''
-    if img.mode == 'L':
-        return img
-    if img.mode in ('P', '1'):
-        return Image.fromarray(np.array(img).astype(np.uint8))
-    if img.mode == 'I' or img.mode.startswith('I;16'):
-        a = np.array(img)
-        if a.min() < 0 or a.max() > 255:
-            raise ValueError(f'{path}: {what} values {a.min()}..{a.max()} do not fit ids 0..255{src}')
-        return Image.fromarray(a.astype(np.uint8))
-    raise ValueError(f'{path}: {what} of mode {img.mode} holds colours, not ids; expected an L, P, 1 or I;16 PNG{src}')
+    """Mode-L PIL image of the ids stored in an id PNG, whatever its mode (vpo.id_array)."""
+    return Image.fromarray(vpo.id_array(_open(path, what, where), path, what, where))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -267,10 +232,10 @@ class VPODataset(torch.utils.data.Dataset):
             for n, row in enumerate(rows):
                 for key in ('mask', 'inst'):
                     if row.get(key):
-                        _inside(root, row[key], source=f'{self.manifest}:{n + 1}')
+                        vpo.inside(root, row[key], source=f'{self.manifest}:{n + 1}')
         self.rows = rows
         meta = os.path.join(root, 'meta.json')
-        self.itd = _load_json(meta).get('itd', False) if os.path.exists(meta) else False
+        self.itd = vpo.read_json(meta).get('itd', False) if os.path.exists(meta) else False
         self.index = {c: i for i, c in enumerate(self.classes)}
         for n, row in enumerate(rows):
             for o in row['objects']:
@@ -424,9 +389,9 @@ def _s4_rows(root, split):
         # the video name is read by position, as the official loaders do (header 'name' in the release)
         name, cat = r[fields[0]], r['category']
         where = f'{path} line {line}, video {name}'
-        frames = _inside(os.path.join(root, 's4_data', 'visual_frames', split), cat, name, source=where)
-        masks = _inside(os.path.join(root, 's4_data', 'gt_masks', split), cat, name, source=where)
-        wav = _inside(os.path.join(root, 's4_data', 'audio_wav', split), cat, name + '.wav', source=where)
+        frames = vpo.inside(os.path.join(root, 's4_data', 'visual_frames', split), cat, name, source=where)
+        masks = vpo.inside(os.path.join(root, 's4_data', 'gt_masks', split), cat, name, source=where)
+        wav = vpo.inside(os.path.join(root, 's4_data', 'audio_wav', split), cat, name + '.wav', source=where)
         for p in (frames, masks, wav):
             _need(p, where)
         # S4 train annotates only the first of the 5 frames ([63]); the others have no label, so
@@ -447,9 +412,9 @@ def _ms3_rows(root, split):
             continue
         name = r[fields[0]]
         where = f'{path} line {line}, video {name}'
-        frames = _inside(os.path.join(root, 'ms3_data', 'visual_frames'), name, source=where)
-        masks = _inside(os.path.join(root, 'ms3_data', 'gt_masks', split), name, source=where)
-        wav = _inside(os.path.join(root, 'ms3_data', 'audio_wav', split), name + '.wav', source=where)
+        frames = vpo.inside(os.path.join(root, 'ms3_data', 'visual_frames'), name, source=where)
+        masks = vpo.inside(os.path.join(root, 'ms3_data', 'gt_masks', split), name, source=where)
+        wav = vpo.inside(os.path.join(root, 'ms3_data', 'audio_wav', split), name + '.wav', source=where)
         for p in (frames, masks, wav):
             _need(p, where)
         for i in range(1, 6):   # every MS3 frame is annotated, train included
@@ -465,7 +430,7 @@ def _avss_classes(root):
     0..70 (the release) or 1..71 (copies published with follow-up work), background first in both."""
     path = os.path.join(root, 'label2idx.json')
     _need(path, 'AVSS class list')
-    idx = _load_json(path)
+    idx = vpo.read_json(path)
     if not isinstance(idx, dict) or not idx or not all(type(v) is int for v in idx.values()):
         raise ValueError(f'{path}: expected a JSON object of class name -> integer index')
     names = sorted(idx, key=idx.get)
@@ -486,7 +451,7 @@ def _avss_rows(root, split, subsets):
             continue
         uid, sub = r['uid'], r['label']
         where = f'{path} line {line}, uid {uid}'
-        base = _inside(os.path.join(root, sub), uid, source=where)
+        base = vpo.inside(os.path.join(root, sub), uid, source=where)
         for p in (os.path.join(base, 'frames'), os.path.join(base, 'labels_semantic'),
                   os.path.join(base, 'audio.wav')):
             _need(p, where)
@@ -984,7 +949,7 @@ def _cache_ready(root, params, sized):
     if not (os.path.isfile(stamp) and os.path.isfile(os.path.join(root, 'vpo', 'meta.json'))):
         return False
     try:
-        old = _load_json(stamp)
+        old = vpo.read_json(stamp)
     except ValueError:   # a damaged stamp: the cache is rebuilt
         return False
     return isinstance(old, dict) and (old == params or (not sized and all(old.get(k) == params[k]
@@ -1105,7 +1070,7 @@ def main(argv=None):
     try:
         path, _ = resolve_root(a.data, a.root, data_seed=a.data_seed)
         if os.path.exists(os.path.join(path, 'summary.json')):
-            vpo.print_summary(_load_json(os.path.join(path, 'summary.json')))
+            vpo.print_summary(vpo.read_json(os.path.join(path, 'summary.json')))
         sets = {s: build_dataset(a.data, a.root, s, audio_seconds=a.audio_seconds, data_seed=a.data_seed)
                 for s in ('train', 'val', 'test')}
         for split, ds in sets.items():

@@ -155,6 +155,32 @@ def read_json(path, text=None, *, keys=()):
     return data
 
 
+def inside(folder, *names, source):
+    """folder/name/...: each name read from a manifest or a csv (`source`) must stay inside the folder it is
+    relative to, so an absolute name, or `..` parts that climb out, raise ValueError."""
+    path = folder
+    for name in names:
+        sub = os.path.join(path, name)
+        rel = os.path.relpath(os.path.normpath(sub), os.path.normpath(path))
+        if os.path.isabs(name) or rel == '..' or rel.startswith('..' + os.sep):
+            raise ValueError(f'{source}: file name {name!r} is absolute or leaves {path}')
+        path = sub
+    return path
+
+
+def id_array(img, path, what='mask', where=None):
+    """(H, W) uint8 of the ids stored in an id PNG (label masks, instance maps, released masks): L as stored, P by
+    its index values (not the brightness of their colours), 1 as 0/1, I / I;16 when every value fits 0..255.
+    Colour modes (RGB, RGBA, ...) hold no ids: ValueError naming the file (and `where` it is listed)."""
+    src = f' (from {where})' if where else ''
+    if img.mode in ('L', 'P', '1') or img.mode == 'I' or img.mode.startswith('I;16'):
+        a = np.array(img)
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f'{path}: {what} values {a.min()}..{a.max()} do not fit ids 0..255{src}')
+        return a.astype(np.uint8)
+    raise ValueError(f'{path}: {what} of mode {img.mode} holds colours, not ids; expected an L, P, 1 or I;16 PNG{src}')
+
+
 def _person_groups(caption):
     words = re.findall(r'[a-z]+', caption.lower())
     return {PERSON_WORDS[w] for i, w in enumerate(words) if w in PERSON_WORDS and not (
@@ -687,12 +713,8 @@ def print_skipped(skipped):
 def _remap_official(src, dst):
     """Released mask (ids stored in an L or P PNG: COCO ids + 92/93/94) -> our class indices, written to dst."""
     with Image.open(src) as m:
-        if m.mode not in ('L', 'P', 'I', 'I;16'):   # P: the stored palette indices are the ids, not the colours
-            raise ValueError(f'{src}: a {m.mode} mask cannot hold class ids; expected a single-channel PNG (L or P)')
-        ids = np.asarray(m)   # H, W
-    if ids.size and (ids.min() < 0 or ids.max() > 255):
-        raise ValueError(f'{src}: mask ids {ids.min()}..{ids.max()} outside 0..255')
-    Image.fromarray(OFFICIAL_LUT[ids.astype(np.uint8)]).save(dst)   # lookup table, not an id-by-id remap
+        ids = id_array(m, src)   # H, W
+    Image.fromarray(OFFICIAL_LUT[ids]).save(dst)   # lookup table, not an id-by-id remap
 
 
 def official_cache(root):
@@ -750,15 +772,6 @@ def _official_audio(root, audio):
     return found
 
 
-def _inside(folder, name, where):
-    """folder/name, refusing a name from a csv that is absolute or climbs out of `folder`."""
-    path = os.path.join(folder, name)
-    base = os.path.abspath(folder)
-    if os.path.isabs(name) or os.path.commonpath([base, os.path.abspath(path)]) != base:
-        raise ValueError(f'{where} {name!r} resolves outside {folder}')
-    return path
-
-
 def _official_lines(table):
     """[(line number, row dict)] of a released csv, every field present and parsed; bad lines name themselves."""
     need = ('split', 'cateName', 'img_Id', 'ann_Ids', 'vgg_file', 'audio_pos')
@@ -802,7 +815,7 @@ def _official_rows(root, subset, *, audio=None, seed=0, val_frac=0.15):
         return next((p for p in paths if os.path.isfile(p)), paths[0])
     groups = {}
     for line, r in _official_lines(table):
-        r['clip'] = _inside(audio, r['vgg_file'] + '.wav', f'{table}:{line}: vgg_file')
+        r['clip'] = inside(audio, r['vgg_file'] + '.wav', source=f'{table}:{line}: vgg_file')
         key = (r['split'], r['img_Id'], r['ann_Ids'], line) if subset == 'ss' else (r['split'], r['img_Id'])
         groups.setdefault(key, []).append((line, r))
     rows = {s: [] for s in SPLITS}
