@@ -278,9 +278,8 @@ class VPODataset(torch.utils.data.Dataset):
             image, label, flip = joint_augment(image, label, crop=self.crop, rng=rng, scale=self.scale)
         elif flip:
             image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.transpose(Image.FLIP_LEFT_RIGHT)
-        if not augment and self.test_scale != 1:   # the network sees a rescaled image; the label keeps its size
-            size = (max(1, round(image.width * self.test_scale)), max(1, round(image.height * self.test_scale)))
-            image = image.resize(size, Image.BILINEAR)
+        if not augment:   # the network sees a rescaled image; the label keeps its size
+            image = rescale(image, self.test_scale)
         y = np.asarray(label, np.int64)
 
         # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
@@ -343,6 +342,13 @@ def joint_augment(image, label, *, crop, rng, scale=(0.5, 2.0), jitter=0.4):
 
 
 _MEAN_T, _STD_T = torch.from_numpy(MEAN)[:, None, None], torch.from_numpy(STD)[:, None, None]
+
+
+def rescale(image, factor):
+    """PIL image resized by `factor` (bilinear), as evaluation images are under --test-scale; 1 returns it as is."""
+    if factor == 1:
+        return image
+    return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BILINEAR)
 
 
 def normalise(image):

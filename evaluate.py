@@ -613,9 +613,7 @@ def image_input(image, args, test_scale=None):
     if args['data'] in data.AVSBENCH and args.get('resize'):
         image = image.resize((args['resize'],) * 2, Image.BILINEAR)
     else:
-        s = test_scale or args.get('test_scale') or 1.0
-        if s != 1:
-            image = image.resize((max(1, round(image.width * s)), max(1, round(image.height * s))), Image.BILINEAR)
+        image = data.rescale(image, test_scale or args.get('test_scale') or 1.0)
     return data.normalise(image)[None]
 
 
