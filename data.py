@@ -8,7 +8,8 @@ offline generator, which is not part of the paper; the CLI last.
 Every VPO source ends up as a VPO manifest (vpo.py's layout) and goes through the same VPODataset:
     real:      python vpo.py --coco ... --audio ... --out DIR; then --root DIR           -> VPODataset
     official:  --root <folder holding VPO-SS/ VPO-MS/ VPO-MSMI/>  -> vpo.read_official() -> VPODataset
-    built-in:  no --root: data/ <- COCO 2017 + VGGSound-format files (ensure_builtin) -> vpo.build() -> VPODataset
+    built-in:  no --root: data/ (VPO-SS), data/vpo_ms/, data/vpo_msmi/ <- COCO 2017 + VGGSound-format files
+               drawn for that subset (ensure_builtin) -> vpo.build() -> VPODataset
 AVSBench (--data s4 | ms3 | avss, --root the released folder) -> AVSBenchDataset.
 
     python data.py --data vpo_msmi [--root DIR]    # summary + preview PNG (image, mask, stereo log-mel)
@@ -626,16 +627,17 @@ def resolve_root(name, root=None, *, data_seed=0, progress=True):
     default built-in cache (ensure_builtin, generated from data_seed on first use). A given root must exist
     and be a VPO folder written by vpo.py (meta.json), the official release (VPO-SS/ VPO-MS/ VPO-MSMI/), or a
     built-in cache (builtin.json, or builtin.lock where a generation began) or its vpo/ child; anything else
-    is a FileNotFoundError, so a mistyped --root is never filled with generated data. `name`: the --data subset."""
+    is a FileNotFoundError, so a mistyped --root is never filled with generated data. `name`: the --data subset
+    (no root: its own miniature, builtin_folder(name, data_seed))."""
     if not root:
-        return ensure_builtin(None, data_seed=data_seed, progress=progress), 'builtin'
+        return ensure_builtin(None, subset=name, data_seed=data_seed, progress=progress), 'builtin'
     cache = lambda d: any(os.path.isfile(os.path.join(d, f)) for f in ('builtin.json', 'builtin.lock'))
     parent = os.path.dirname(os.path.abspath(root))
     if cache(root):
-        return ensure_builtin(root, data_seed=data_seed, progress=progress), 'builtin'
+        return ensure_builtin(root, subset=name, data_seed=data_seed, progress=progress), 'builtin'
     if os.path.isfile(os.path.join(root, 'meta.json')):
         if os.path.basename(os.path.abspath(root)) == 'vpo' and cache(parent):
-            return ensure_builtin(parent, data_seed=data_seed, progress=progress), 'builtin'
+            return ensure_builtin(parent, subset=name, data_seed=data_seed, progress=progress), 'builtin'
         return root, 'vpo'
     if any(os.path.isdir(os.path.join(root, d)) for d in OFFICIAL_DIRS):
         return root, 'official'
@@ -674,7 +676,14 @@ def build_dataset(name, root=None, split='train', *, train=False, crop=512, scal
 # ===============================================================================================
 
 BUILTIN_VERSION = 2   # part of the cache stamp: a cache written by another version of the generator is rebuilt
-BUILTIN_SIZE = dict(n_train=1200, n_val=200, clips_per_class=16)  # COCO train2017 / val2017 images
+# One miniature per subset, each drawn for its subset and built by the same vpo.build(): COCO's 118k images give
+# every subset thousands of rows, but a miniature drawn once would give VPO-MS and VPO-MSMI a few hundred (every
+# VPO-SS image is multi-class, a third of them multi-instance). The draws differ only in the objects placed
+# (_make_image); n_train / n_val are COCO train2017 / val2017 images, clips_per_class the clips of each class.
+BUILTIN_SIZE = {'vpo_ss': dict(n_train=1200, n_val=200, clips_per_class=16),
+                'vpo_ms': dict(n_train=2000, n_val=300, clips_per_class=32),
+                'vpo_msmi': dict(n_train=2000, n_val=300, clips_per_class=32)}
+SIZE_KEYS = ('n_train', 'n_val', 'clips_per_class')
 
 # Appearance of each visual label: (shape, texture, hue in degrees). Every (shape, texture) pair is
 # unique and labels that share a shape sit >= 40 degrees apart in hue, so the 21 classes are told apart
@@ -765,17 +774,14 @@ def _annotation(image_id, category_id, segmentation, m, iscrowd):
             'area': float(m.sum()), 'bbox': bbox}
 
 
-def _place(cls, side, boxes, W, H, rng):
+def _place(cls, band, boxes, W, H, rng):
     """(cx, cy, rx, ry, box) of a new object clear of `boxes` (rejection sampling, 30 tries), or None.
-    Objects do not overlap, so their polygons are their visible masks. side: None, 'left' or 'right'."""
+    Objects do not overlap, so their polygons are their visible masks. band: (lo, hi), the part of the
+    image width (fractions) the centre is drawn from."""
     for _ in range(30):
         r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0)
         rx, ry = r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25)
-        lo, hi = (rx + 2, W - rx - 2)
-        if side == 'left':
-            hi = min(hi, 0.4 * W)
-        if side == 'right':
-            lo = max(lo, 0.6 * W)
+        lo, hi = max(rx + 2, band[0] * W), min(W - rx - 2, band[1] * W)
         if lo >= hi:
             continue
         cx, cy = rng.uniform(lo, hi), rng.uniform(ry + 2, H - ry - 2)
@@ -805,10 +811,14 @@ def _draw(img, cls, cx, cy, rx, ry, rng):
     return img, poly, m
 
 
-def _make_image(image_id, rng, cat_ids, image_size=None):
-    """One image + its annotations + captions. Every image holds >= 2 VPO classes (so only the audio
-    says which object sounds); about a third hold 2 instances of one class far apart (so only stereo
-    says which one)."""
+ANYWHERE, LEFT, RIGHT = (0.0, 1.0), (0.0, 0.4), (0.6, 1.0)
+
+
+def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
+    """One image + its annotations + captions, drawn for subset `draw`. Every image holds >= 2 VPO classes
+    (so only the audio says which object sounds). vpo_ss: a third hold 2 instances of one class far apart
+    (so only stereo says which one); vpo_ms: no class twice; vpo_msmi: always those two instances, and 0-2
+    other classes (alpha of the pair: 0-0.4 and 0.6-1)."""
     W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
     c0, c1 = (_hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)) for _ in range(2))
     g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
@@ -819,14 +829,15 @@ def _make_image(image_id, rng, cat_ids, image_size=None):
     k = int(rng.integers(2, 5))
     pool = others + [person[int(rng.integers(3))]]        # at most one kind of person per image
     chosen = list(rng.choice(pool, size=k, replace=False))
-    dup = rng.random() < 0.35
-    objs = [(c, None) for c in chosen]
-    if dup:  # a second instance of one class, on the other side of the image
-        objs = [(chosen[0], 'left'), (chosen[0], 'right')] + objs[1:]
-    objs += [(d, None) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
+    objs = [(c, ANYWHERE) for c in chosen]
+    if draw == 'vpo_ss' and rng.random() < 0.35:  # a second instance of one class, on the other side
+        objs = [(chosen[0], LEFT), (chosen[0], RIGHT)] + objs[1:]
+    if draw == 'vpo_msmi':   # the pair first, so that both find room
+        objs = [(chosen[0], LEFT), (chosen[0], RIGHT)] + objs[1:int(rng.integers(1, k))]
+    objs += [(d, ANYWHERE) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
     boxes, anns = [], []
-    for cls, side in objs:
-        placed = _place(cls, side, boxes, W, H, rng)
+    for cls, band in objs:
+        placed = _place(cls, band, boxes, W, H, rng)
         if placed is None:
             continue
         cx, cy, rx, ry, box = placed
@@ -870,10 +881,15 @@ def _make_clip(k, variant, rng, sr, seconds):
     return (x / (np.abs(x).max() + 1e-8) * rng.uniform(0.2, 0.9)).astype(np.float32)
 
 
+def _stream(seed, draw, *key):
+    """The random stream of one image or clip: vpo_ss keeps its original streams, the other draws their own."""
+    return np.random.default_rng([seed, *key] + ([] if draw == 'vpo_ss' else [VPO_SUBSETS.index(draw)]))
+
+
 def _write_builtin_image(job):
     """Worker of make_builtin: draw image `image_id` from its own seed, write the JPEG, return its records."""
-    seed, image_id, folder, cat_ids, image_size = job
-    pixels, anns, captions = _make_image(image_id, np.random.default_rng([seed, 0, image_id]), cat_ids, image_size)
+    seed, draw, image_id, folder, cat_ids, image_size = job
+    pixels, anns, captions = _make_image(image_id, _stream(seed, draw, 0, image_id), cat_ids, image_size, draw)
     name = f'{image_id:012d}.jpg'
     Image.fromarray(pixels).save(os.path.join(folder, name), quality=92)
     return {'id': image_id, 'file_name': name, 'height': pixels.shape[0], 'width': pixels.shape[1]}, anns, captions
@@ -881,8 +897,8 @@ def _write_builtin_image(job):
 
 def _write_clip(job):
     """Worker of make_builtin: synthesise clip j of class index k from its own seed and write it."""
-    seed, k, j, audio = job
-    rng = np.random.default_rng([seed, 1, k, j])
+    seed, draw, k, j, audio = job
+    rng = _stream(seed, draw, 1, k, j)
     labels = vpo.TABLE7[vpo.VPO_CLASSES[k]]
     label = labels[j % len(labels)]
     sr = int(rng.choice([16000, 22050, 44100]))
@@ -896,11 +912,11 @@ def _write_clip(job):
     sf.write(os.path.join(folder, f'b{k:02d}{j:03d}x_{10 * j:06d}.{ext}'), x, sr)
 
 
-def _write_coco_split(coco, split, ids, seed, cat_ids, categories, image_size, imap, ann_id):
+def _write_coco_split(coco, split, ids, seed, draw, cat_ids, categories, image_size, imap, ann_id):
     """Images, instances_{split}.json and captions_{split}.json of one COCO split; returns the next ann id."""
     os.makedirs(os.path.join(coco, split), exist_ok=True)
     images, anns, caps = [], [], []
-    for image, a, c in imap(_write_builtin_image, [(seed, i, os.path.join(coco, split), cat_ids, image_size)
+    for image, a, c in imap(_write_builtin_image, [(seed, draw, i, os.path.join(coco, split), cat_ids, image_size)
                                                    for i in ids]):
         images.append(image)
         for x in a:
@@ -916,18 +932,18 @@ def _write_coco_split(coco, split, ids, seed, cat_ids, categories, image_size, i
 
 
 def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, image_size=None, progress=True,
-                 workers=None):
+                 workers=None, draw='vpo_ss'):
     """Write the built-in source under root: coco/ (COCO 2017 layout: annotations/instances_*.json,
     captions_*.json, train2017/, val2017/) and audio/ (one folder per VGGSound label of Table 7, clips at
     16 / 22.05 / 44.1 kHz, mono and stereo, wav / flac / ogg, 0.6-10 s long). Every image and clip draws
     from its own seed (seed, image id) / (seed, class, clip), so the files are the same whatever the number
-    of worker processes (default: one per CPU core, at most 8)."""
+    of worker processes (default: one per CPU core, at most 8). draw: the subset the images are drawn for."""
     coco, audio = os.path.join(root, 'coco'), os.path.join(root, 'audio')
     cat_ids = {**{c: vpo.COCO_IDS[c] for c in LOOKS}, **DISTRACTORS}   # male/female/baby -> 1 'person'
     categories = sorted({(i, 'person' if c in CAPTION_WORD else c) for c, i in cat_ids.items()})
     os.makedirs(os.path.join(coco, 'annotations'), exist_ok=True)
     splits = (('train2017', range(1, n_train + 1)), ('val2017', range(n_train + 1, n_train + n_val + 1)))
-    clips = [(seed, k, j, audio) for k in range(1, len(vpo.VPO_CLASSES))
+    clips = [(seed, draw, k, j, audio) for k in range(1, len(vpo.VPO_CLASSES))
              for j in range(max(clips_per_class, 2 * len(vpo.TABLE7[vpo.VPO_CLASSES[k]])))]
     workers = workers or min(os.cpu_count() or 1, 8)
     # fork (as DataLoader workers do on Linux): the workers only run numpy / PIL / soundfile, and a spawned
@@ -938,7 +954,7 @@ def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, i
     try:
         ann_id = 1
         for split, ids in splits:
-            ann_id = _write_coco_split(coco, split, ids, seed, cat_ids, categories, image_size, imap, ann_id)
+            ann_id = _write_coco_split(coco, split, ids, seed, draw, cat_ids, categories, image_size, imap, ann_id)
         for _ in imap(_write_clip, clips):
             pass
     finally:
@@ -948,9 +964,9 @@ def make_builtin(root, *, seed=0, n_train=1200, n_val=200, clips_per_class=16, i
     return coco, audio
 
 
-def _cache_ready(root, params, sized):
+def _cache_ready(root, params, exact):
     """Whether root holds a complete built-in cache for params: its stamp builtin.json (written last) matches
-    them, or, when the caller named no size (`sized` False), matches their version and seed."""
+    them, or, when `exact` is False, matches their version and seed."""
     stamp = os.path.join(root, 'builtin.json')
     if not (os.path.isfile(stamp) and os.path.isfile(os.path.join(root, 'vpo', 'meta.json'))):
         return False
@@ -958,26 +974,34 @@ def _cache_ready(root, params, sized):
         old = vpo.read_json(stamp)
     except ValueError:   # a damaged stamp: the cache is rebuilt
         return False
-    return isinstance(old, dict) and (old == params or (not sized and all(old.get(k) == params[k]
+    return isinstance(old, dict) and (old == params or (not exact and all(old.get(k) == params[k]
                                                                           for k in ('version', 'seed'))))
 
 
-def ensure_builtin(root=None, *, data_seed=0, progress=True, **size):
-    """The built-in VPO tree under root, generated from data_seed on first use and reused; regenerated when
-    data_seed, the sizes asked for, or BUILTIN_VERSION change. A call that names no size takes whatever size
-    is cached (tests and smoke runs build smaller ones). root None: data/ beside the code for data seed 0,
-    data/seed<N>/ for data seed N, so caches of different data seeds never overwrite each other.
-    Generation holds an exclusive lock on root/builtin.lock: a process that starts while another generates
-    waits, then finds the cache complete and uses it. Returns the VPO root (root/vpo)."""
-    root = root or os.path.join(HERE, 'data', *([f'seed{data_seed}'] if data_seed else []))
-    params = {'version': BUILTIN_VERSION, 'seed': data_seed, **BUILTIN_SIZE, **size}
+def builtin_folder(subset='vpo_ss', data_seed=0):
+    """Where the default miniature of `subset` is cached: data/ beside the code for VPO-SS, data/<subset>/ for
+    the others, with seed<N>/ below for data seed N > 0, so no two caches ever overwrite each other."""
+    return os.path.join(HERE, 'data', *([subset] if subset != 'vpo_ss' else []),
+                        *([f'seed{data_seed}'] if data_seed else []))
+
+
+def ensure_builtin(root=None, *, subset='vpo_ss', data_seed=0, progress=True, **size):
+    """The built-in VPO tree under root (default builtin_folder(subset, data_seed)), drawn for `subset` with
+    its BUILTIN_SIZE from data_seed on first use and reused; regenerated when data_seed, the draw, the sizes
+    or BUILTIN_VERSION change. A call with a root that names no size takes whatever tree is cached there
+    (tests and smoke runs build smaller ones). Generation holds an exclusive lock on root/builtin.lock: a
+    process that starts while another generates waits, then finds the cache complete and uses it. Returns
+    the VPO root (root/vpo); all three subsets are built in every tree."""
+    exact = bool(size) or not root
+    root = root or builtin_folder(subset, data_seed)
+    params = {'version': BUILTIN_VERSION, 'seed': data_seed, 'draw': subset, **BUILTIN_SIZE[subset], **size}
     out = os.path.join(root, 'vpo')
-    if _cache_ready(root, params, bool(size)):
+    if _cache_ready(root, params, exact):
         return out
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, 'builtin.lock'), 'a') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
-        if _cache_ready(root, params, bool(size)):   # built by another process while this one waited
+        if _cache_ready(root, params, exact):   # built by another process while this one waited
             return out
         stamp = os.path.join(root, 'builtin.json')
         if os.path.exists(stamp):
@@ -987,7 +1011,8 @@ def ensure_builtin(root=None, *, data_seed=0, progress=True, **size):
         t0 = time.time()
         if progress:
             print(f'building the built-in source in {root} ({params}) ...', flush=True)
-        coco, audio = make_builtin(root, seed=data_seed, progress=progress, **{k: params[k] for k in BUILTIN_SIZE})
+        coco, audio = make_builtin(root, seed=data_seed, progress=progress, draw=subset,
+                                   **{k: params[k] for k in SIZE_KEYS})
         vpo.build(coco, audio, out, seed=data_seed, progress=progress)
         with open(stamp + '.tmp', 'w') as f:
             json.dump(params, f)

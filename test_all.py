@@ -655,6 +655,44 @@ def test_builtin_files_do_not_depend_on_worker_count(tmp_path):
             assert open(a, 'rb').read() == open(b, 'rb').read(), f
 
 
+def _draws(draw, n=60):
+    """Non-crowd annotations of n images drawn for `draw`: [(W, [(category_id, centre x / W), ...]), ...]."""
+    cat_ids = {**{c: vpo.COCO_IDS[c] for c in data.LOOKS}, **data.DISTRACTORS}
+    out = []
+    for i in range(1, n + 1):
+        pixels, anns, _ = data._make_image(i, data._stream(0, draw, 0, i), cat_ids, None, draw)
+        W = pixels.shape[1]
+        out.append((W, [(a['category_id'], (a['bbox'][0] + a['bbox'][2] / 2) / W) for a in anns if not a['iscrowd']
+                        and a['category_id'] not in data.DISTRACTORS.values()]))
+    return out
+
+
+def test_each_subset_draws_its_own_miniature():
+    """vpo_ss keeps its original random streams (its numbers stay comparable); vpo_ms never draws a class twice;
+    vpo_msmi draws 2 instances of one class, one on each side (alpha < 0.4 and > 0.6), in every image."""
+    assert data._stream(3, 'vpo_ss', 0, 5).random() == np.random.default_rng([3, 0, 5]).random()
+    assert data._stream(3, 'vpo_ms', 0, 5).random() != data._stream(3, 'vpo_msmi', 0, 5).random()
+    ss = _draws('vpo_ss')
+    assert 0.15 < np.mean([len(a) != len({c for c, _ in a}) for _, a in ss]) < 0.6      # a third multi-instance
+    ms = _draws('vpo_ms')
+    assert all(len(a) == len({c for c, _ in a}) for _, a in ms) and np.mean([len(a) >= 2 for _, a in ms]) > 0.9
+    alphas, gaps = [], []
+    for _, a in _draws('vpo_msmi'):
+        by = {}
+        for c, x in a:
+            by.setdefault(c, []).append(x)
+        multi = [xs for xs in by.values() if len(xs) >= 2]
+        assert len(multi) <= 1 and all(len(xs) == 2 for xs in multi)
+        if not multi:        # an instance found no room (30 tries)
+            continue
+        xs = sorted(multi[0])
+        gaps.append(min(np.diff(xs)))                 # bbox centres: a rotated shape's can sit off its centre
+        alphas += xs
+    assert len(gaps) > 0.9 * 60 and np.mean(np.array(gaps) >= vpo.ALPHA_GAP) > 0.9
+    alphas = np.array(alphas)
+    assert alphas.min() < 0.25 and alphas.max() > 0.75 and np.mean((alphas > 0.42) & (alphas < 0.58)) < 0.05
+
+
 def test_builtin_formats(builtin):
     root = os.path.dirname(builtin)
     coco = json.load(open(os.path.join(root, 'coco', 'annotations', 'instances_train2017.json')))
@@ -827,9 +865,10 @@ def test_a_given_root_must_exist_and_be_a_known_source(builtin, tmp_path, monkey
     assert data.resolve_root('vpo_ms', str(tmp_path / 'release')) == (str(tmp_path / 'release'), 'official')
     # no root: the default cache, one folder per data seed
     monkeypatch.setattr(data, 'HERE', str(tmp_path / 'code'))
-    for seed, where in ((0, 'data'), (2, os.path.join('data', 'seed2'))):
+    for name, seed, where in (('vpo_ss', 0, 'data'), ('vpo_ss', 2, 'data/seed2'), ('vpo_ms', 0, 'data/vpo_ms'),
+                              ('vpo_msmi', 3, 'data/vpo_msmi/seed3')):
         with pytest.raises(AssertionError, match='generated'):
-            data.resolve_root('vpo_ss', None, data_seed=seed, progress=False)
+            data.resolve_root(name, None, data_seed=seed, progress=False)
         assert asked[-1] == str(tmp_path / 'code' / where)
 
 
@@ -1916,6 +1955,18 @@ def test_paper_preset_is_app_b1():
     a = train.get_args(['--preset', 'paper'])
     assert (a.tau, a.momentum, a.poly_power, a.cavp_weight, a.heads, a.attn, a.contrast) == \
         (0.1, 0.9, 0.9, 1.0, 4, 'sigmoid', 'cavp')
+
+
+def test_cpu_preset_per_subset():
+    """VPO-MSMI on the CPU sees whole images (crop 80 at scale 0.35); a typed flag still wins; the paper preset
+    and VPO-SS are untouched."""
+    ss, ms, msmi = (train.get_args(['--preset', 'cpu', '--data', d]) for d in data.VPO_SUBSETS)
+    assert all(getattr(ss, k) == v for k, v in train.PRESETS['cpu'].items())
+    assert (ms.epochs, ms.crop) == (9, 64)
+    assert (msmi.crop, msmi.scale, msmi.test_scale, msmi.epochs) == (80, (0.35, 0.35), 0.35, 7)
+    assert 224 * msmi.scale[1] <= msmi.crop                                # the widest built-in image fits whole
+    assert train.get_args(['--preset', 'cpu', '--data', 'vpo_msmi', '--crop', '64']).crop == 64
+    assert train.get_args(['--preset', 'paper', '--data', 'vpo_msmi']).crop == 512
 
 
 @pytest.mark.parametrize('flags,name', [(['--audio-seconds', '0'], '--audio-seconds'),

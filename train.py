@@ -50,6 +50,11 @@ PRESETS = {
                 audio_seconds=0.4, max_anchors=256, eval_every=4, workers=1, dim=76, balance=0.0, test_scale=0.5,
                 warmup_steps=100),
 }
+# Where one CPU preset does not fit a subset's built-in miniature (data.BUILTIN_SIZE), these values replace it.
+# VPO-MSMI's cue is alpha = c_w / W, the position in the full image (as official), so every crop must hold the
+# whole image: a 64 px crop at scale 0.35-0.7 of a 128-224 px image often shows one instance only, or one side,
+# and the pan then disagrees with the picture. 80 px at a fixed scale 0.35 holds every built-in image whole.
+CPU_SUBSET = {'vpo_ms': dict(epochs=9), 'vpo_msmi': dict(crop=80, scale=(0.35, 0.35), test_scale=0.35, epochs=7)}
 # A resumed run takes every argument from its checkpoint but those typed on the command line; a note names those
 # that change what is computed (not the bookkeeping ones). The ARCH ones are always the checkpoint's.
 BOOKKEEPING = ('name', 'out', 'resume', 'workers', 'vis', 'no_probes', 'test_only', 'benchmark', 'compile')
@@ -169,7 +174,7 @@ def get_args(argv=None):
         args.audio_backbone = args.audio_backbone or 'vggish'
         args.mono, args.audio_seconds = True, 0.975
         args.test_scale = args.test_scale or 1.0   # frames are evaluated at --resize or original size
-    for k, v in PRESETS[args.preset].items():
+    for k, v in preset_values(args.preset, args.data).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.ckpt = None
@@ -189,6 +194,11 @@ def get_args(argv=None):
         if v is not None and not ok(v):
             p.error(f'--{k.replace("_", "-")} {v}: expected {want}')
     return args
+
+
+def preset_values(preset, subset):
+    """The preset's values for --data subset: PRESETS, with CPU_SUBSET's changes on the CPU."""
+    return {**PRESETS[preset], **(CPU_SUBSET.get(subset, {}) if preset == 'cpu' else {})}
 
 
 def quiet_parser(p):
@@ -548,7 +558,10 @@ def main(argv=None):
     if ckpt is not None:
         restore(ckpt, model, opt, scaler, bank, state)
     net = wrap(model, args, env)
-    say(f'cavp | {args.data} | preset {args.preset} | {env.device} x{env.world} | amp {env.amp_dtype} | '
+    change = ', '.join(f'{k} {v}' for k, v in CPU_SUBSET.get(args.data, {}).items()
+                       if args.preset == 'cpu' and getattr(args, k) == v)   # the subset's changes in effect
+    change = f' ({args.data}: {change})' if change else ''
+    say(f'cavp | {args.data} | preset {args.preset}{change} | {env.device} x{env.world} | amp {env.amp_dtype} | '
         f'channels_last {env.channels_last} | {sum(q.numel() for q in model.parameters()) / 1e6:.1f} M params | '
         f'train/val/test {len(train_set)}/{len(val_set)}/{len(test_set)} | {steps} steps x {args.epochs} epochs')
     say('args: ' + json.dumps(vars(args), sort_keys=True))
