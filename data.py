@@ -675,7 +675,7 @@ def build_dataset(name, root=None, split='train', *, train=False, crop=512, scal
 # runs offline through the same code path as real data: vpo.build() -> VPO manifest -> VPODataset.
 # ===============================================================================================
 
-BUILTIN_VERSION = 2   # part of the cache stamp: a cache written by another version of the generator is rebuilt
+BUILTIN_VERSION = 3   # part of the cache stamp: a cache written by another version of the generator is rebuilt
 # One miniature per subset, each drawn for its subset and built by the same vpo.build(): COCO's 118k images give
 # every subset thousands of rows, but a miniature drawn once would give VPO-MS and VPO-MSMI a few hundred (every
 # VPO-SS image is multi-class, a third of them multi-instance). The draws differ only in the objects placed
@@ -817,8 +817,9 @@ ANYWHERE, LEFT, RIGHT = (0.0, 1.0), (0.0, 0.4), (0.6, 1.0)
 def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
     """One image + its annotations + captions, drawn for subset `draw`. Every image holds >= 2 VPO classes
     (so only the audio says which object sounds). vpo_ss: a third hold 2 instances of one class far apart
-    (so only stereo says which one); vpo_ms: no class twice; vpo_msmi: always those two instances, and 0-2
-    other classes (alpha of the pair: 0-0.4 and 0.6-1)."""
+    (so only stereo says which one); vpo_ms: 3-5 classes, none twice (vpo.py lets N > 2 candidates sound
+    2..N-1 of them: some stay silent, Sec. 3); vpo_msmi: always those two instances, and 0-2 other classes
+    (alpha of the pair: 0-0.4 and 0.6-1)."""
     W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
     c0, c1 = (_hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)) for _ in range(2))
     g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
@@ -826,7 +827,7 @@ def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
     names = [c for c in vpo.VPO_CLASSES[1:]]
     person = [c for c in names if c in CAPTION_WORD]
     others = [c for c in names if c not in CAPTION_WORD]
-    k = int(rng.integers(2, 5))
+    k = int(rng.integers(2, 5)) if draw != 'vpo_ms' else int(rng.integers(3, 6))
     pool = others + [person[int(rng.integers(3))]]        # at most one kind of person per image
     chosen = list(rng.choice(pool, size=k, replace=False))
     objs = [(c, ANYWHERE) for c in chosen]

@@ -668,14 +668,14 @@ def _draws(draw, n=60):
 
 
 def test_each_subset_draws_its_own_miniature():
-    """vpo_ss keeps its original random streams (its numbers stay comparable); vpo_ms never draws a class twice;
+    """vpo_ss keeps its original random streams (its numbers stay comparable); vpo_ms draws 3-5 classes, none twice;
     vpo_msmi draws 2 instances of one class, one on each side (alpha < 0.4 and > 0.6), in every image."""
     assert data._stream(3, 'vpo_ss', 0, 5).random() == np.random.default_rng([3, 0, 5]).random()
     assert data._stream(3, 'vpo_ms', 0, 5).random() != data._stream(3, 'vpo_msmi', 0, 5).random()
     ss = _draws('vpo_ss')
     assert 0.15 < np.mean([len(a) != len({c for c, _ in a}) for _, a in ss]) < 0.6      # a third multi-instance
     ms = _draws('vpo_ms')
-    assert all(len(a) == len({c for c, _ in a}) for _, a in ms) and np.mean([len(a) >= 2 for _, a in ms]) > 0.9
+    assert all(len(a) == len({c for c, _ in a}) for _, a in ms) and np.mean([len(a) >= 3 for _, a in ms]) > 0.8
     alphas, gaps = [], []
     for _, a in _draws('vpo_msmi'):
         by = {}
