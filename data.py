@@ -675,7 +675,7 @@ def build_dataset(name, root=None, split='train', *, train=False, crop=512, scal
 # runs offline through the same code path as real data: vpo.build() -> VPO manifest -> VPODataset.
 # ===============================================================================================
 
-BUILTIN_VERSION = 3   # part of the cache stamp: a cache written by another version of the generator is rebuilt
+BUILTIN_VERSION = 4   # part of the cache stamp: a cache written by another version of the generator is rebuilt
 # One miniature per subset, each drawn for its subset and built by the same vpo.build(): COCO's 118k images give
 # every subset thousands of rows, but a miniature drawn once would give VPO-MS and VPO-MSMI a few hundred (every
 # VPO-SS image is multi-class, a third of them multi-instance). The draws differ only in the objects placed
@@ -774,15 +774,15 @@ def _annotation(image_id, category_id, segmentation, m, iscrowd):
             'area': float(m.sum()), 'bbox': bbox}
 
 
-def _place(cls, band, boxes, W, H, rng):
+def _place(cls, band, boxes, W, H, rng, grow=1.0):
     """(cx, cy, rx, ry, box) of a new object clear of `boxes` (rejection sampling, 30 tries), or None.
     Objects do not overlap, so their polygons are their visible masks. band: (lo, hi), the part of the
-    image width (fractions) the centre is drawn from."""
+    image width (fractions) the centre is drawn from; grow: size factor."""
     for _ in range(30):
-        r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0)
+        r = min(W, H) * rng.uniform(0.14, 0.24) * {'baby': 1.1, 'male': 1.3, 'female': 1.3}.get(cls, 1.0) * grow
         rx, ry = r * rng.uniform(0.8, 1.25), r * rng.uniform(0.8, 1.25)
         lo, hi = max(rx + 2, band[0] * W), min(W - rx - 2, band[1] * W)
-        if lo >= hi:
+        if lo >= hi or ry + 2 >= H - ry - 2:
             continue
         cx, cy = rng.uniform(lo, hi), rng.uniform(ry + 2, H - ry - 2)
         box = (cx - rx, cy - ry, cx + rx, cy + ry)
@@ -818,8 +818,8 @@ def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
     """One image + its annotations + captions, drawn for subset `draw`. Every image holds >= 2 VPO classes
     (so only the audio says which object sounds). vpo_ss: a third hold 2 instances of one class far apart
     (so only stereo says which one); vpo_ms: 3-5 classes, none twice (vpo.py lets N > 2 candidates sound
-    2..N-1 of them: some stay silent, Sec. 3); vpo_msmi: always those two instances, and 0-2 other classes
-    (alpha of the pair: 0-0.4 and 0.6-1)."""
+    2..N-1 of them: some stay silent, Sec. 3); vpo_msmi: always those two instances, 1.3x larger (its crops
+    hold the whole image, so objects are small in them), and 0-2 other classes."""
     W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
     c0, c1 = (_hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)) for _ in range(2))
     g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
@@ -837,8 +837,8 @@ def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
         objs = [(chosen[0], LEFT), (chosen[0], RIGHT)] + objs[1:int(rng.integers(1, k))]
     objs += [(d, ANYWHERE) for d in rng.choice(list(DISTRACTORS), size=int(rng.integers(0, 3)), replace=False)]
     boxes, anns = [], []
-    for cls, band in objs:
-        placed = _place(cls, band, boxes, W, H, rng)
+    for j, (cls, band) in enumerate(objs):
+        placed = _place(cls, band, boxes, W, H, rng, grow=1.3 if draw == 'vpo_msmi' and j < 2 else 1.0)
         if placed is None:
             continue
         cx, cy, rx, ry, box = placed

