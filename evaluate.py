@@ -232,7 +232,7 @@ class Probes:
       cf      counterfactual (Figs. 1, 14): images with >= 2 VPO classes get the audio of
               counterfactual_class() (load(i, sounding=its objects)), scored against its instances
       silence, noise   hallucination: share of all pixels predicted foreground under load(i, audio=...)
-      swap    stereo (Fig. 13), VPO-MSMI with two channels only, on mirror_pair() samples: with the
+      swap    stereo (Fig. 13), VPO-MSMI, on mirror_pair() samples: with the
               original audio, does the class-c prediction cover a larger fraction of the sounding instance
               s than of its mirror m; with L and R swapped (load(i, swap=True)), does it move to m.
     Re-choosing the sounding objects (cf, swap) needs the instance map, which the official release lacks."""
@@ -240,7 +240,7 @@ class Probes:
     def __init__(self, dataset, enabled=True):
         self.dataset, self.C = dataset, dataset.num_classes
         self.on = enabled and hasattr(dataset, 'load') and hasattr(dataset, 'rows')
-        self.stereo = None   # decided on the first sample: two channels (Sec. 3) and MSMI
+        self.stereo = None   # decided on the first sample: MSMI
         self.conf_cf, self.cf_n = torch.zeros(self.C, self.C, dtype=torch.int64), 0
         self.fg_px, self.total_px = {'silence': 0, 'noise': 0}, 0
         self.stereo_n, self.stereo_hit, self.swap_hit = 0, 0, 0
@@ -251,7 +251,9 @@ class Probes:
         if not self.on:
             return {}
         if self.stereo is None:
-            self.stereo = sample['audio'].shape[0] == 2 and getattr(self.dataset, 'subset', None) == 'vpo_msmi'
+            # a --mono model (Table 8, Fig. 7) is probed too: it hears L + R, the same after the swap, so its
+            # stereo_acc says how often it finds the sounding instance without the cue
+            self.stereo = getattr(self.dataset, 'subset', None) == 'vpo_msmi'
         load, row = self.dataset.load, self.dataset.rows[i]
         objects, rechoose = row['objects'], bool(row.get('inst'))
         out = {}
@@ -307,7 +309,7 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
       classes, n                             class names, samples evaluated
       cf_miou, cf_n                          counterfactual probe: dataset-level mIoU over its samples (Probes)
       halluc_silence, halluc_noise           share of all pixels predicted foreground under silence / noise
-      stereo_acc, stereo_swap_acc, stereo_n  stereo probe, stereo VPO-MSMI only (else None)
+      stereo_acc, stereo_swap_acc, stereo_n  stereo probe, VPO-MSMI only (else None)
     vis > 0 writes PNGs of the first `vis` samples to vis_dir. Probe values are None when no sample
     qualifies or probes=False. The model's train/eval mode is restored afterwards."""
     if vis and not vis_dir:

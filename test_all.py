@@ -2338,11 +2338,13 @@ def test_evaluate_blind_model_and_fallback_path():
     assert same == ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', progress=False)
 
 
-def test_evaluate_stereo_probe_skipped_for_mono_or_not_msmi():
-    for ds in (make_dataset(mono=True), make_dataset(subset='vpo_ms')):
-        m = ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
-        assert m['stereo_acc'] is None and m['stereo_swap_acc'] is None and m['stereo_n'] == 0
-        assert m['cf_miou'] is not None
+def test_evaluate_stereo_probe_on_msmi_only_mono_included():
+    m = ev.evaluate(SplitFakeModel(), make_dataset(subset='vpo_ms'), 'cpu', progress=False)
+    assert m['stereo_acc'] is None and m['stereo_swap_acc'] is None and m['stereo_n'] == 0
+    assert m['cf_miou'] is not None
+    # a mono model hears the same L + R before and after the swap: it cannot follow the source to the mirror
+    m = ev.evaluate(SplitFakeModel(), make_dataset(mono=True), 'cpu', progress=False)
+    assert m['stereo_n'] == 1 and m['stereo_swap_acc'] == 0.0 and m['cf_miou'] is not None
     m = ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', probes=False, max_samples=1, progress=False)
     assert m['n'] == 1 and m['cf_miou'] is None and m['halluc_noise'] is None
 
