@@ -491,7 +491,7 @@ SUMMARY_METRICS = ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence', 'stereo_
 # train.py arguments left out when grouping runs: the seed (what a row averages over) and bookkeeping that
 # cannot change a result: where the run is written, its pictures, loader processes (augmentation is a pure
 # function of seed, epoch and index), and resuming (a resumed run continues exactly).
-NOT_A_SETTING = ('seed', 'name', 'out', 'vis', 'workers', 'resume')
+NOT_A_SETTING = ('seed', 'name', 'out', 'vis', 'workers', 'resume', 'test_only')   # cannot change a result
 
 
 def read_run(folder):
@@ -717,7 +717,7 @@ def get_args(argv=None):
     # runs over seeds
     p.add_argument('--summary', nargs='+', default=None, metavar='RUN',
                    help='print a markdown table of train.py run folders (their metrics.json): runs whose saved '
-                   f"arguments agree except {', '.join('--' + k for k in NOT_A_SETTING)} (the seed is what a row "
+                   f"arguments agree except {', '.join('--' + k.replace('_', '-') for k in NOT_A_SETTING)} (the seed is what a row "
                    'averages over; the others cannot change a result) form one row, with n and mean ± sample std of '
                    + ', '.join(SUMMARY_METRICS) + '; needs no --ckpt')
     # your own image and sound

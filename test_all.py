@@ -1962,7 +1962,7 @@ def test_cpu_preset_per_subset():
     and VPO-SS are untouched."""
     ss, ms, msmi = (train.get_args(['--preset', 'cpu', '--data', d]) for d in data.VPO_SUBSETS)
     assert all(getattr(ss, k) == v for k, v in train.PRESETS['cpu'].items())
-    assert (ms.epochs, ms.crop) == (9, 64)
+    assert (ms.epochs, ms.crop) == (8, 64)
     assert (msmi.crop, msmi.scale, msmi.test_scale, msmi.epochs) == (80, (0.35, 0.35), 0.35, 7)
     assert 224 * msmi.scale[1] <= msmi.crop                                # the widest built-in image fits whole
     assert train.get_args(['--preset', 'cpu', '--data', 'vpo_msmi', '--crop', '64']).crop == 64
@@ -2498,13 +2498,14 @@ def test_summary_groups_seeds_with_mean_and_sample_std(tmp_path):
     runs = [_run(tmp_path, 'a0', dict(miou=0.5, fbeta=0.2, halluc_silence=0.1, stereo_acc=None), seed=0),
             _run(tmp_path, 'b0', dict(miou=0.4, fbeta=0.3, halluc_silence=0.2, stereo_acc=None), contrast='none'),
             _run(tmp_path, 'a1', dict(miou=0.6, fbeta=0.4, halluc_silence=0.3, stereo_acc=None), seed=1, workers=4),
-            _run(tmp_path, 'a2', dict(miou=0.7, fbeta=0.6, stereo_acc=None), seed=2, vis=0, resume='x/last.pt'),
+            _run(tmp_path, 'a2', dict(miou=0.7, fbeta=0.6, stereo_acc=None), seed=2, vis=0, resume='x/best.pt',
+                 test_only=True),
             _run(tmp_path, 'c0', dict(miou=0.9, fbeta=0.9, halluc_silence=0.0, stereo_acc=None), contrast='none',
                  mono=True)]
     lines = ev.summary_table(runs).splitlines()
     assert lines[0] == '| setting | n | miou | fbeta | halluc_silence |'       # stereo_acc: never present
     assert len(lines) == 2 + 3
-    # only contrast and mono tell the groups apart (tau, scale, seed, workers, vis, resume do not)
+    # only contrast and mono tell the groups apart (tau, scale, seed, workers, vis, resume, test_only do not)
     assert lines[2] == '| `--contrast cavp (no --mono)` | 3 | 0.600 ± 0.100 | 0.400 ± 0.200 | 0.200 ± 0.141 (2) |'
     assert lines[3] == '| `--contrast none (no --mono)` | 1 | 0.400 ± - | 0.300 ± - | 0.200 ± - |'
     assert lines[4] == '| `--contrast none --mono` | 1 | 0.900 ± - | 0.900 ± - | 0.000 ± - |'
