@@ -715,9 +715,10 @@ def get_args(argv=None):
     p.add_argument('--out', default=None, help='evaluation: output folder (default <ckpt folder>/eval_<data>_<split>); '
                    'with --image: the picture (default prediction.png)')
     # runs over seeds
+    bookkeeping = ', '.join('--' + k.replace('_', '-') for k in NOT_A_SETTING)
     p.add_argument('--summary', nargs='+', default=None, metavar='RUN',
                    help='print a markdown table of train.py run folders (their metrics.json): runs whose saved '
-                   f"arguments agree except {', '.join('--' + k.replace('_', '-') for k in NOT_A_SETTING)} (the seed is what a row "
+                   f'arguments agree except {bookkeeping} (the seed is what a row '
                    'averages over; the others cannot change a result) form one row, with n and mean ± sample std of '
                    + ', '.join(SUMMARY_METRICS) + '; needs no --ckpt')
     # your own image and sound
