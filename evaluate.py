@@ -240,7 +240,9 @@ class Probes:
     def __init__(self, dataset, enabled=True):
         self.dataset, self.C = dataset, dataset.num_classes
         self.on = enabled and hasattr(dataset, 'load') and hasattr(dataset, 'rows')
-        self.stereo = None   # decided on the first sample: MSMI
+        # a --mono model (Table 8, Fig. 7) is probed too: it hears L + R, the same after the swap, so its
+        # stereo_acc says how often it finds the sounding instance without the cue
+        self.stereo = getattr(dataset, 'subset', None) == 'vpo_msmi'
         self.conf_cf, self.cf_n = torch.zeros(self.C, self.C, dtype=torch.int64), 0
         self.fg_px, self.total_px = {'silence': 0, 'noise': 0}, 0
         self.stereo_n, self.stereo_hit, self.swap_hit = 0, 0, 0
@@ -250,10 +252,6 @@ class Probes:
         'cls', 'swap' its mirror_pair in 'pair'. Empty when the probes are off."""
         if not self.on:
             return {}
-        if self.stereo is None:
-            # a --mono model (Table 8, Fig. 7) is probed too: it hears L + R, the same after the swap, so its
-            # stereo_acc says how often it finds the sounding instance without the cue
-            self.stereo = getattr(self.dataset, 'subset', None) == 'vpo_msmi'
         load, row = self.dataset.load, self.dataset.rows[i]
         objects, rechoose = row['objects'], bool(row.get('inst'))
         out = {}
