@@ -1962,8 +1962,8 @@ def test_cpu_preset_per_subset():
     and VPO-SS are untouched."""
     ss, ms, msmi = (train.get_args(['--preset', 'cpu', '--data', d]) for d in data.VPO_SUBSETS)
     assert all(getattr(ss, k) == v for k, v in train.PRESETS['cpu'].items())
-    assert (ms.epochs, ms.crop) == (8, 64)
-    assert (msmi.crop, msmi.scale, msmi.test_scale, msmi.epochs) == (80, (0.35, 0.35), 0.35, 7)
+    assert (ms.epochs, ms.crop, ms.batch_size, ms.lr) == (8, 64, 32, 4e-3)
+    assert (msmi.crop, msmi.scale, msmi.test_scale, msmi.epochs, msmi.batch_size) == (80, (0.35, 0.35), 0.35, 7, 16)
     assert 224 * msmi.scale[1] <= msmi.crop                                # the widest built-in image fits whole
     assert train.get_args(['--preset', 'cpu', '--data', 'vpo_msmi', '--crop', '64']).crop == 64
     assert train.get_args(['--preset', 'paper', '--data', 'vpo_msmi']).crop == 512
