@@ -1958,8 +1958,8 @@ def test_paper_preset_is_app_b1():
 
 
 def test_cpu_preset_per_subset():
-    """VPO-MSMI on the CPU sees whole images (crop 80 at scale 0.35); a typed flag still wins; the paper preset
-    and VPO-SS are untouched."""
+    """VPO-MS on the CPU trains in batches of 32 at lr 4e-3, VPO-MSMI sees whole images (crop 80 at scale 0.35);
+    a typed flag still wins; the paper preset and VPO-SS are untouched."""
     ss, ms, msmi = (train.get_args(['--preset', 'cpu', '--data', d]) for d in data.VPO_SUBSETS)
     assert all(getattr(ss, k) == v for k, v in train.PRESETS['cpu'].items())
     assert (ms.epochs, ms.crop, ms.batch_size, ms.lr) == (8, 64, 32, 4e-3)
