@@ -815,11 +815,11 @@ ANYWHERE, LEFT, RIGHT = (0.0, 1.0), (0.0, 0.4), (0.6, 1.0)
 
 
 def _make_image(image_id, rng, cat_ids, image_size=None, draw='vpo_ss'):
-    """One image + its annotations + captions, drawn for subset `draw`. Every image holds >= 2 VPO classes
-    (so only the audio says which object sounds). vpo_ss: a third hold 2 instances of one class far apart
-    (so only stereo says which one); vpo_ms: 3-5 classes, none twice (vpo.py lets N > 2 candidates sound
-    2..N-1 of them: some stay silent, Sec. 3); vpo_msmi: always those two instances, 1.3x larger (its crops
-    hold the whole image, so objects are small in them), and 0-2 other classes."""
+    """One image + its annotations + captions, drawn for subset `draw`. Every vpo_ss / vpo_ms image is drawn
+    with >= 2 VPO classes (so only the audio says which object sounds). vpo_ss: a third hold 2 instances of one
+    class far apart (so only stereo says which one); vpo_ms: 3-5 classes, none twice (vpo.py lets N > 2
+    candidates sound 2..N-1 of them: some stay silent, Sec. 3); vpo_msmi: always those two instances, 1.3x
+    larger (its crops hold all or most of the image, so objects are small in them), and 0-2 other classes."""
     W, H = image_size or (int(rng.integers(128, 225)), int(rng.integers(112, 193)))
     c0, c1 = (_hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.35, 0.8)) for _ in range(2))
     g = np.linspace(0, 1, W, dtype=np.float32)[None, :, None]
