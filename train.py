@@ -60,7 +60,7 @@ PRESETS = {
 # and the pan then disagrees with the picture. An 80 px crop at a fixed scale 0.45 holds images up to 178 px wide
 # whole and cuts at most 21 px off wider ones. At 0.35 (every image whole) the shapes and textures are too small
 # to see: the model names objects by hue alone (bird as bus, zebra as car, tennis racket as cow), and seeds 0-2
-# reach mIoU 0.39 / 0.38 / 0.34; at 0.45, 0.44 / 0.52 / 0.61 in the same time (0.55 cuts too much: seed 0, 0.31).
+# reach mIoU 0.39 / 0.38 / 0.34; at 0.45, 0.44 / 0.52 / 0.61 in the same time (0.55, cutting up to 43 px: seed 0, 0.31).
 CPU_SUBSET = {'vpo_ms': dict(batch_size=32, lr=4e-3, epochs=8),
               'vpo_msmi': dict(crop=80, scale=(0.45, 0.45), test_scale=0.45, epochs=7)}
 # A resumed run takes every argument from its checkpoint but those typed on the command line; a note names those
