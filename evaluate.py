@@ -54,27 +54,38 @@ def semantic_scores(conf, beta2=0.3):
         IoU_c = TP / (TP + FP + FN)
         P_c = TP / (TP + FP),  R_c = TP / (TP + FN),  F_beta,c = (1 + beta2) P R / (beta2 P + R), beta2 = 0.3
         FDR_c = FP / (TP + FP)
-    `miou`, `fbeta`, `fdr` are means over classes INCLUDING background, as the paper's tables. A class
-    absent from both target and prediction (TP + FP + FN = 0) has no score: None in the per-class lists,
-    and it is left out of the means. The other 0/0 cases are 0:
-        predicted but never present: IoU 0, P 0, R 0 (0/0), F 0, FDR 1;
-        present but never predicted: IoU 0, P 0 (0/0), R 0, F 0, FDR 0 (it made no false discovery;
-        Table 11 prints such classes, e.g. 'axe', as FDR 0 with IoU 0), so FDR != 1 - P there.
+    `miou`, `fbeta`, `fdr` are means over classes INCLUDING background, each over the classes where it is
+    defined, as the paper's tables average them (official `utils/eval_utils.py`: nanmean):
+        IoU and F_beta are undefined only for a class absent from both target and prediction (TP + FP + FN = 0);
+        a class present but never predicted scores 0 in both (Table 9's axe, clipper, ... count as 0);
+        FDR is undefined where nothing was predicted (TP + FP = 0), so such a class leaves FDR's mean: Table 11's
+        CAVP row averages to Table 3's 32.25 only without axe and harmonica (31.34 with them as 0).
+    Other 0/0 cases: predicted but never present gives IoU 0, P 0, R 0, F 0, FDR 1; present but never predicted
+    gives P 0 (0/0) and R 0. (Official mIoU also counts classes absent from both as 0; on VPO and AVSBench's test
+    splits every class is present, so the two agree there.)
     Returns {'miou', 'fbeta', 'fdr' (floats in [0, 1]), 'per_class': {'iou', 'precision', 'recall',
-    'fbeta', 'fdr': lists of length C, None where absent}}. An all-zero matrix raises ValueError."""
+    'fbeta', 'fdr': lists of length C, None where undefined}}. An all-zero matrix raises ValueError."""
     conf = conf.double()
     tp = conf.diag()
     fp, fn = conf.sum(0) - tp, conf.sum(1) - tp
-    seen = (tp + fp + fn) > 0
+    seen, predicted = (tp + fp + fn) > 0, (tp + fp) > 0
     if not seen.any():
         raise ValueError('semantic_scores: empty confusion matrix (every pixel ignored?)')
     p, r = _div(tp, tp + fp), _div(tp, tp + fn)
     per = {'iou': _div(tp, tp + fp + fn), 'precision': p, 'recall': r,
            'fbeta': _div((1 + beta2) * p * r, beta2 * p + r), 'fdr': _div(fp, tp + fp)}
-    out = {'miou': per['iou'][seen].mean().item(), 'fbeta': per['fbeta'][seen].mean().item(),
-           'fdr': per['fdr'][seen].mean().item()}
-    out['per_class'] = {k: [v.item() if s else None for v, s in zip(x, seen)] for k, x in per.items()}
+    defined = {k: seen & predicted if k == 'fdr' else seen for k in per}
+    out = {'per_class': {k: [v.item() if d else None for v, d in zip(x, defined[k])] for k, x in per.items()}}
+    out.update({name: class_mean(out['per_class'][k]) for name, k in (('miou', 'iou'), ('fbeta', 'fbeta'),
+                                                                      ('fdr', 'fdr'))})
     return out
+
+
+def class_mean(values):
+    """The mean over classes of a per-class list, None (undefined) entries left out (official: nanmean);
+    None when no class is defined."""
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
 
 
 def mask_iou(pred, gt, valid=None):

@@ -2101,10 +2101,11 @@ def test_semantic_scores_hand_made():
     p, r = 0.5, 2 / 3
     assert pc['fbeta'][0] == pytest.approx(1.3 * p * r / (0.3 * p + r))
     assert (pc['iou'][1], pc['precision'][1], pc['recall'][1], pc['fbeta'][1], pc['fdr'][1]) == (0, 0, 0, 0, 1)
-    assert (pc['iou'][2], pc['precision'][2], pc['recall'][2], pc['fbeta'][2], pc['fdr'][2]) == (0, 0, 0, 0, 0)
+    assert (pc['iou'][2], pc['precision'][2], pc['recall'][2], pc['fbeta'][2]) == (0, 0, 0, 0)
+    assert pc['fdr'][2] is None                                        # nothing predicted: no discovery to rate
     assert all(pc[k][3] is None for k in pc)                           # absent from both: no score
     assert s['miou'] == pytest.approx((2 / 5 + 0 + 0) / 3)             # mean over the 3 seen classes
-    assert s['fdr'] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert s['fdr'] == pytest.approx((0.5 + 1) / 2)                    # over the 2 predicted classes
     with pytest.raises(ValueError):
         ev.semantic_scores(torch.zeros(3, 3, dtype=torch.int64))
 
@@ -2127,17 +2128,55 @@ def test_semantic_scores_equal_direct_per_class_loops():
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         fb = 1.3 * prec * rec / (0.3 * prec + rec) if prec + rec else 0.0
-        fdr = fp / (tp + fp) if tp + fp else 0.0
-        ious.append(tp / (tp + fp + fn)), fbs.append(fb), fdrs.append(fdr)
+        fdr = fp / (tp + fp) if tp + fp else None
+        ious.append(tp / (tp + fp + fn)), fbs.append(fb)
+        fdrs += [fdr] if fdr is not None else []
         assert s['per_class']['iou'][c] == pytest.approx(ious[-1])
         assert s['per_class']['precision'][c] == pytest.approx(prec)
         assert s['per_class']['recall'][c] == pytest.approx(rec)
         assert s['per_class']['fbeta'][c] == pytest.approx(fb)
-        assert s['per_class']['fdr'][c] == pytest.approx(fdr)
-    assert s['per_class']['iou'][C - 1] is None and len(ious) == C - 1
+        assert s['per_class']['fdr'][c] == (None if fdr is None else pytest.approx(fdr))
+    assert s['per_class']['iou'][C - 1] is None and len(ious) == C - 1 and len(fdrs) == C - 2
     assert s['miou'] == pytest.approx(sum(ious) / len(ious))
     assert s['fbeta'] == pytest.approx(sum(fbs) / len(fbs))
     assert s['fdr'] == pytest.approx(sum(fdrs) / len(fdrs))
+
+
+# Tables 9-11, CAVP row (AVSBench-Semantics, 71 classes in the tables' order, background first), in %
+PAPER_IOU = """91.68 92.29 92.91 0 42.12 25.80 33.76 24.81 80.96 11.94 34.86 37.86 49.68 54.90 1.80 0 70.88 32.59 41.41
+29.87 51.54 75.97 63.29 58.98 33.58 47.61 16.91 68.41 81.72 30.59 55.87 60.75 88.85 0 64.73 77.62 70.78 25.06 78.00
+67.97 83.28 43.00 83.92 0 10.63 64.87 11.58 61.78 62.47 65.18 56.25 51.41 10.69 65.52 47.23 63.57 63.83 65.14 62.26
+49.22 94.27 64.15 19.48 38.39 82.49 70.38 0 56.80 60.05 85.10 41.57"""
+PAPER_F = """95.28 95.79 95.05 0 63.93 50.19 50.94 38.87 88.46 29.30 42.37 46.06 61.65 71.43 5.35 0 84.54 56.69 62.58 52.30
+70.24 80.76 72.69 74.65 65.53 73.21 28.21 81.27 90.53 54.33 73.52 68.54 94.27 0 76.16 87.25 86.98 34.30 87.83 78.84
+89.58 62.17 92.23 0 29.81 86.05 24.03 81.34 73.46 83.11 80.37 70.85 20.74 80.23 56.39 77.70 73.87 83.15 71.88 56.50
+97.10 74.91 48.30 64.86 88.40 83.53 0 69.77 76.34 91.93 61.23"""
+PAPER_FDR = """5.05 4.37 6.01 0 31.47 37.91 48.65 61.86 12.40 56.93 63.31 59.54 41.91 28.09 90.47 100 14.05 34.74 33.50
+40.75 27.75 23.48 30.99 24.96 11.47 17.21 72.38 18.70 8.96 37.05 24.83 36.53 5.59 0 25.81 12.88 9.18 69.47 12.01 22.87
+11.50 35.99 6.92 100 43.43 6.45 72.23 13.87 29.25 12.93 10.74 26.43 77.86 18.85 48.91 22.33 29.29 12.82 31.83 49.69
+2.85 27.66 17.75 24.15 13.26 15.67 100 32.37 22.50 8.10 36.46"""
+
+
+def test_class_means_recompute_the_papers_table_3_row():
+    """Table 3's CAVP AVSBench-Semantics row (mIoU 50.75, F_beta 64.57, FDR 32.25) from the per-class values of
+    Tables 9-11 with semantic_scores' averaging rule: IoU and F over all 71 classes (never-predicted ones as 0),
+    FDR over the classes with a prediction. A printed FDR 0 next to IoU 0 (axe, harmonica) is TP = FP = 0, undefined."""
+    iou, f, fdr = ([float(v) / 100 for v in t.split()] for t in (PAPER_IOU, PAPER_F, PAPER_FDR))
+    assert len(iou) == len(f) == len(fdr) == 71
+    fdr = [None if d == 0 and i == 0 else d for i, d in zip(iou, fdr)]
+    assert fdr.count(None) == 2
+    assert 100 * ev.class_mean(iou) == pytest.approx(50.75, abs=0.01)
+    assert 100 * ev.class_mean(fdr) == pytest.approx(32.25, abs=0.01)
+    assert 100 * ev.class_mean([d or 0.0 for d in fdr]) == pytest.approx(31.34, abs=0.01)   # zeros kept: not Table 3
+    # F_beta: Table 10 averages to 63.66, not Table 3's 64.57 (nor Table 5's 62.31) under any rule that skips classes
+    # by their scores; the paper's F_beta columns do not agree with each other, so there is nothing to match
+    assert 100 * ev.class_mean(f) == pytest.approx(63.66, abs=0.01)
+    assert 100 * ev.class_mean([v for v in f if v]) == pytest.approx(68.48, abs=0.01)
+    # and semantic_scores applies that rule to a confusion matrix: class 2 is present but never predicted
+    conf = torch.tensor([[5, 1, 0], [1, 3, 0], [1, 0, 0]])
+    s = ev.semantic_scores(conf)
+    assert s['per_class']['fdr'][2] is None and s['fdr'] == pytest.approx((2 / 7 + 1 / 4) / 2)
+    assert s['miou'] == pytest.approx((5 / 8 + 3 / 5 + 0) / 3)
 
 
 def test_mask_iou_hand_made():
