@@ -304,8 +304,10 @@ class VPODataset(torch.utils.data.Dataset):
         t = torch.zeros(self.num_classes)
         for k in sounding:
             t[self.index[objects[k]['cls']]] = 1
-        # a memory-bank candidate (App. B.1): one sounding source, mono, with its class and alpha
-        j = int(rng.integers(len(waves))) if waves else None
+        # a memory-bank candidate (App. B.1): the clip of a single-source sample, mono, with its class and alpha. As
+        # official (source_count == 1), a mixture gives none: it neither fills the bank nor has its audio swapped
+        # (one bank clip would stand for a mixture's several sources, or sound at one of two sounding instances)
+        single = len(waves) == 1
         return {
             'image': normalise(image),                                        # (3, H, W)
             'audio': logmel(wave),                                            # (A, T, 64)
@@ -313,9 +315,9 @@ class VPODataset(torch.utils.data.Dataset):
             'label': torch.from_numpy(y),                                     # (H, W)
             't': t,                                                           # (C,)
             'index': i,
-            'bank_wave': torch.from_numpy(waves[j]) if waves else torch.zeros(L),
-            'bank_cls': self.index[objects[sounding[j]]['cls']] if waves else 0,
-            'bank_alpha': float(alphas[j]) if waves else 0.5,
+            'bank_wave': torch.from_numpy(waves[0]) if single else torch.zeros(L),
+            'bank_cls': self.index[objects[sounding[0]]['cls']] if single else 0,
+            'bank_alpha': float(alphas[0]) if single else 0.5,
         }
 
 
@@ -649,10 +651,11 @@ def resolve_root(name, root=None, *, data_seed=0, progress=True):
 
 
 def build_dataset(name, root=None, split='train', *, train=False, crop=512, scale=(0.5, 2.0), audio_seconds=3.0,
-                  mono=False, seed=0, data_seed=0, resize=None, subsets=None, test_scale=1.0):
+                  mono=False, seed=0, data_seed=0, resize=None, subsets=None, test_scale=1.0, progress=True):
     """The Dataset for --data name on `split` (train / val / test). seed: augmentation only; data_seed: the
     built-in source's generation (real data ignores it). subsets: AVSS v1s / v1m / v2 (Table 3);
-    test_scale: VPO only, the factor evaluation images are resized by (labels stay at original size)."""
+    test_scale: VPO only, the factor evaluation images are resized by (labels stay at original size).
+    progress: print what is generated or derived on first use."""
     if name in AVSBENCH:
         if not root:
             raise ValueError(f'--data {name} needs --root: the folder of the released AVSBench files')
@@ -662,8 +665,8 @@ def build_dataset(name, root=None, split='train', *, train=False, crop=512, scal
                                subsets=subsets, seed=seed)
     if name not in VPO_SUBSETS:
         raise ValueError(f'unknown --data {name!r}; known: {", ".join(VPO_SUBSETS + AVSBENCH)}')
-    path, kind = resolve_root(name, root, data_seed=data_seed)
-    rows = vpo.read_official(path, name, split) if kind == 'official' else None
+    path, kind = resolve_root(name, root, data_seed=data_seed, progress=progress)
+    rows = vpo.read_official(path, name, split, progress=progress) if kind == 'official' else None
     return VPODataset(path, name, split, train=train, crop=crop, scale=scale, audio_seconds=audio_seconds,
                       mono=mono, seed=seed, rows=rows, test_scale=test_scale)
 
@@ -1015,9 +1018,10 @@ def ensure_builtin(root=None, *, subset='vpo_ss', data_seed=0, progress=True, **
         coco, audio = make_builtin(root, seed=data_seed, progress=progress, draw=subset,
                                    **{k: params[k] for k in SIZE_KEYS})
         vpo.build(coco, audio, out, seed=data_seed, progress=progress)
-        with open(stamp + '.tmp', 'w') as f:
+        tmp = f'{stamp}.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
             json.dump(params, f)
-        os.replace(stamp + '.tmp', stamp)
+        os.replace(tmp, stamp)
         if progress:
             print(f'built-in source ready in {time.time() - t0:.1f} s', flush=True)
     return out

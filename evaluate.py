@@ -217,6 +217,7 @@ def runner(model, x, amp, size=None):
 class SplitMetrics:
     """Running sums over a split (Sec. 5.1): the confusion matrix, and per-image J and F of binary
     foreground (predicted fg = argmax != 0, fg = label in 1..C-1, label 255 pixels not scored)."""
+    SUMS = ('conf', 'j_sum', 'j_n', 'f_sum', 'f_n')   # what sum_over_ranks adds up
 
     def __init__(self, num_classes):
         self.C = num_classes
@@ -247,6 +248,7 @@ class Probes:
               original audio, does the class-c prediction cover a larger fraction of the sounding instance
               s than of its mirror m; with L and R swapped (load(i, swap=True)), does it move to m.
     Re-choosing the sounding objects (cf, swap) needs the instance map, which the official release lacks."""
+    SUMS = ('conf_cf', 'cf_n', 'fg_px', 'total_px', 'stereo_n', 'stereo_hit', 'swap_hit')   # see sum_over_ranks
 
     def __init__(self, dataset, enabled=True):
         self.dataset, self.C = dataset, dataset.num_classes
@@ -308,9 +310,26 @@ class Probes:
                     stereo_swap_acc=frac(self.swap_hit, self.stereo_n), stereo_n=self.stereo_n)
 
 
+def sum_over_ranks(obj, device):
+    """Add up obj's running sums (the names in obj.SUMS: tensors, numbers, dicts of numbers) over the processes of
+    torch.distributed, in place, so that every rank holds the totals of the whole split. Counts stay exact (int64);
+    float sums differ from one process's only by the order of addition."""
+    import torch.distributed as dist
+    for name in obj.SUMS:
+        value = getattr(obj, name)
+        keys = sorted(value) if isinstance(value, dict) else None
+        items = [value[k] for k in keys] if keys else [value]
+        for k, v in enumerate(items):
+            t = v.to(device) if torch.is_tensor(v) else torch.tensor(v, dtype=torch.float64 if isinstance(v, float)
+                                                                    else torch.int64, device=device)
+            dist.all_reduce(t)
+            items[k] = t.cpu() if torch.is_tensor(v) else t.item()
+        setattr(obj, name, dict(zip(keys, items)) if keys else items[0])
+
+
 @torch.inference_mode()
 def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_dir=None, max_samples=None,
-             progress=True):
+             progress=True, rank=0, world=1):
     """Stream over `dataset` (batch 1, metrics at label resolution) and return a metrics dict (fractions in [0, 1]):
       miou, fbeta, fdr, per_class            semantic_scores of the summed confusion matrix (Sec. 5.1)
       J, F                                   means over images of mask_iou / f_score (SplitMetrics; empty-gt and
@@ -320,7 +339,9 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
       halluc_silence, halluc_noise           share of all pixels predicted foreground under silence / noise
       stereo_acc, stereo_swap_acc, stereo_n  stereo probe, VPO-MSMI only (else None)
     vis > 0 writes PNGs of the first `vis` samples to vis_dir. Probe values are None when no sample
-    qualifies or probes=False. The model's train/eval mode is restored afterwards."""
+    qualifies or probes=False. The model's train/eval mode is restored afterwards.
+    Under torch.distributed (world > 1) each rank evaluates samples rank, rank + world, ... and the sums are added
+    up over the ranks (sum_over_ranks): every rank returns the whole split's metrics, those of one process."""
     if vis and not vis_dir:
         raise ValueError('evaluate: vis > 0 needs vis_dir')
     device = torch.device(device)
@@ -330,7 +351,7 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
     was_training = model.training
     model.eval()
     try:
-        for i in _progress(range(n), progress):
+        for i in _progress(range(rank, n, world), progress):
             s = dataset[i]
             x, label = s['image'][None].to(device), s['label'][None].to(device)   # (1, 3, H, W), (1, H, W)
             extra = probe.samples(i, s)
@@ -347,6 +368,9 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
                              _attn_map(attn[:1], tuple(label.shape[-2:])), audio_preds, list(dataset.classes))
     finally:
         model.train(was_training)
+    if world > 1:
+        for sums in (metrics, probe):
+            sum_over_ranks(sums, device)
     m = semantic_scores(metrics.conf)
     m.update(classes=list(dataset.classes), n=n, **metrics.per_image(), **probe.result())
     return m

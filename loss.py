@@ -1,5 +1,5 @@
 """CAVP objective (Sec. 4.2): in-batch pairing (Eq. 1), anchor sets (Eq. 2), the contrastive loss
-(Eqs. 3-4, averaged over anchors as in Eq. 5), pixel sampling (Table 6), the SupCon baseline (Table 5)
+(Eqs. 3-4, averaged over anchors as in Eq. 5), pixel sampling, the SupCon baseline (Table 5)
 and the waveform memory bank (App. B.1).
 
 Every pixel of a pairing gets a role, the one vocabulary shared by the functions below:
@@ -12,7 +12,7 @@ A training step (train.train_step) uses it like this, on the original pairs and 
     perm = pair_permutation(B)                                             # Eq. 1
     z = torch.cat([z_orig, z_perm])                                        # 2B, D, h, w
     role = pixel_roles(torch.cat([y, y]), torch.cat([t, a_hot]), torch.cat([t, t]), size=z.shape[-2:])   # Eq. 2
-    idx = sample_pixels(role, max_anchors=512, pos_frac=0.5)               # Table 6
+    idx = sample_pixels(role, max_anchors=512, pos_frac=0.5)               # ours: caps and E_fg : E_bg
     l_cp = cavp_loss(gather_pixels(z, idx), role[idx], tau=0.1)            # Eqs. 3-4
     loss = cross_entropy(logits_orig, y, ignore_index=255) + cavp_weight * l_cp   # Eq. 5
 """
@@ -114,11 +114,13 @@ def supcon_loss(z, y, tau=0.1):
 
 
 def sample_pixels(role, *, max_anchors, pos_frac, generator=None):
-    """Pick the pixels entering the loss (Sec. 5.3, Table 6). role (N,) -> indices (K,) long, sorted.
+    """Pick the pixels entering the loss. role (N,) -> indices (K,) long, sorted.
 
-    Table 6's positive / negative samples are read as the two anchor sets of Eq. 2 that Sec. 5.3 balances:
-    E_fg (roles >= 1, sounding pixels of positive pairs) and E_bg (role 0, which App. B.1's memory bank
-    tops up E_fg from). Roles -1 and -2 are never sampled. Exactly:
+    Ours, not in the official code (which takes 512 random pixels of each foreground class, dropping classes with
+    fewer, plus background and shuffled-pair pixels), and not Table 6: the paper's proportion of positive and
+    negative samples is the official --ow_rate, the share of mismatched pairs that get a memory-bank clip
+    (bank_swap's rate). Here the two anchor sets of Eq. 2, E_fg (roles >= 1, sounding pixels) and E_bg (role 0),
+    are capped and balanced; roles -1 and -2 are never sampled. Exactly:
       1. every role r >= 0 keeps a uniformly random subset of min(count_r, max_anchors) pixels,
          giving F kept E_fg pixels (all classes together) and G kept E_bg pixels;
       2. with q = pos_frac / (1 - pos_frac): n_fg = min(F, round(G * q)) and
@@ -249,12 +251,14 @@ class MemoryBank:
 
 def bank_swap(perm, own_hot, bank_cls, *, rate, stored=None, generator=None):
     """App. B.1: which pairs of the permuted pairing get a bank clip. perm (B,) from pair_permutation,
-    own_hot (B, C) classes of each sample's own audio, bank_cls (B,) a sounding class of each image
-    (its bank clip's class), rate the probability, stored (C,) bool from MemoryBank.stored() -> (B,) bool.
-    A pair is eligible when it is mismatched (perm[i] != i and its audio's classes differ from the
-    image's), the image has a sounding class and the bank holds a clip of it. The swapped pair's audio is
-    then a clip of class bank_cls[i], so its a_hot is onehot(bank_cls[i]): a positive pair made of a
-    different audio instance. One uniform draw per row, eligible or not, so the generator stays in step."""
+    own_hot (B, C) classes of each sample's own audio, bank_cls (B,) the class of a single-source image's one
+    sounding object, 0 for the others (VPODataset), rate the probability (Table 6's proportion, official --ow_rate;
+    official swaps exactly int(rate x mismatched) pairs, we draw each with probability rate), stored (C,) bool
+    from MemoryBank.stored() -> (B,) bool. A pair is eligible when it is mismatched (perm[i] != i and its
+    audio's classes differ from the image's), the image is single-source and the bank holds a clip of its class.
+    The swapped pair's audio is then a clip of class bank_cls[i], so its a_hot is onehot(bank_cls[i]): a positive
+    pair made of a different audio instance. One uniform draw per row, eligible or not, so the generator stays
+    in step."""
     own = own_hot.bool()
     mismatched = (perm != torch.arange(len(perm), device=perm.device)) & (own[perm] != own).any(1)
     eligible = mismatched & (bank_cls >= 1)

@@ -333,6 +333,9 @@ class CAVP(nn.Module):
         # the small CPU crops (128-192 -> 8-12 px at OS 16) do not turn the rate-18 branch into a 1x1 conv.
         rates = [r * 8 // output_stride for r in (6, 12, 18)]
         self.aspp = ASPP(high, rates, aspp_ch)
+        # torchvision's ASPP ends in Dropout(0.5); the official ASPP has none, and here it would zero 256 of u_v's 304
+        # channels in training right before f_CA and the contrastive features z
+        self.aspp.project[-1] = nn.Identity()
         self.reduce = nn.Sequential(nn.Conv2d(low, low_ch, 1, bias=False), nn.BatchNorm2d(low_ch),
                                     nn.ReLU(inplace=True))
         # Audio branch f_gamma. One token per clip, as official: a VPO clip is a static 3 s scene over a still

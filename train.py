@@ -115,18 +115,18 @@ def get_parser():
     p.add_argument('--cavp-weight', type=float, default=1.0, help='lambda of Eq. 5')
     p.add_argument('--tau', type=float, default=0.1, help='temperature of Eq. 4')
     p.add_argument('--max-anchors', type=int, default=None, help='sampled pixels per role (official 512)')
-    p.add_argument('--pos-frac', type=float, default=0.5, help='share of positives vs negatives (Table 6)')
-    p.add_argument('--bank-rate', type=float, default=0.5, help='chance that a mismatched pair hears a bank clip of '
-                   'the image class (App. B.1)')
+    p.add_argument('--pos-frac', type=float, default=0.5, help='E_fg share of the sampled pixels (ours; not official)')
+    p.add_argument('--bank-rate', type=float, default=0.5, help='chance that a mismatched pair of a single-source '
+                   'image hears a bank clip of its class (App. B.1; Table 6\'s proportion, official --ow_rate 0.5)')
     p.add_argument('--bank-size', type=int, default=8, help='memory bank clips per class')
     # optimisation (App. B.1)
     p.add_argument('--epochs', type=int, default=None, help='epochs (paper 80)')
     p.add_argument('--batch-size', type=int, default=None, help='global batch size (paper 16), split over processes')
     p.add_argument('--optimizer', default=None, choices=['sgd', 'adamw'], help='optimizer (paper SGD)')
     p.add_argument('--lr', type=float, default=None, help='base learning rate (paper 1e-3), not scaled by GPU count')
-    p.add_argument('--head-lr-mult', type=float, default=None, help='lr factor of all but the image backbone (off. 10)')
+    p.add_argument('--head-lr-mult', type=float, default=None, help='lr factor of ASPP, reduce and head (official 10)')
     p.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    p.add_argument('--weight-decay', type=float, default=None, help='weight decay (paper 5e-4)')
+    p.add_argument('--weight-decay', type=float, default=None, help='weight decay, not on norms/biases (paper 5e-4)')
     p.add_argument('--poly-power', type=float, default=0.9, help='poly decay (1 - it/total)^power')
     p.add_argument('--grad-clip', type=float, default=0.0, help='clip grad norm (0 = off)')
     p.add_argument('--warmup-steps', type=int, default=None, help='linear lr warm-up over the first N steps (paper 0)')
@@ -139,8 +139,8 @@ def get_parser():
                    "own arguments (flags given explicitly override, with a note)")
     p.add_argument('--eval-every', type=int, default=None, help='validate every N epochs (and at the last)')
     p.add_argument('--compile', action='store_true', help='torch.compile the network (CUDA)')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'], help='autocast dtype on CUDA '
-                   '(auto: bf16 if supported, else fp16 + GradScaler; official fp32); CPU runs fp32')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'fp32'], help='autocast dtype (auto: '
+                   'on CUDA bf16 if supported, else fp16 + GradScaler; on a CPU fp32, bf16 allowed; official fp32)')
     p.add_argument('--channels-last', default='auto', choices=['auto', 'on', 'off'], help='auto: on with CUDA')
     p.add_argument('--benchmark', type=int, default=0, help=f'time N steps after {BENCH_WARMUP} warm-up steps, '
                    'alternating the chosen --contrast with --contrast none, print images/s and the ratio, and exit')
@@ -294,20 +294,22 @@ def train_step(net, batch, args, env, *, contrast, bank, dataset, step):
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         # 3. forward: image branch once, audio branch once, f_CA for the original and the permuted pairing
         logits, z, z_perm = net(x, a, src)
-        ce = F.cross_entropy(logits.float(), y, ignore_index=255)              # Eq. 5: CE on the original pairs
-        l_cp = torch.zeros((), device=device)
-        if contrast == 'cavp':   # Z = the original pairs and the permuted ones, stacked: 2B, D, h, w
-            z_all, hot = torch.cat([z, z_perm]).float(), torch.cat([t, a_hot.float()])
-            # 4. Eq. 2: every pixel's role in its pairing (E_fg class c, E_bg, E_unknown, ignore)
-            role = L.pixel_roles(torch.cat([y, y]), hot, torch.cat([t, t]), size=z.shape[-2:])    # N = 2B h w
-            # 5. Table 6: sample up to max_anchors pixels per role, E_fg : E_bg = pos_frac
-            idx = L.sample_pixels(role, max_anchors=args.max_anchors, pos_frac=args.pos_frac, generator=gen_dev)
-            # 6. Eqs. 3-4: InfoNCE of each sampled anchor against its positives and negatives
-            l_cp = L.cavp_loss(L.gather_pixels(z_all, idx), role[idx], args.tau)
-        elif contrast == 'supcon':   # Table 5's baseline: labels as classes, original pairs only
-            l_cp, _ = L.contrastive_loss(z.float(), y, t, t, mode='supcon', tau=args.tau,
-                                         max_anchors=args.max_anchors, pos_frac=args.pos_frac, generator=gen_dev)
-    return ce + args.cavp_weight * l_cp, ce, l_cp                              # 7. Eq. 5
+    # the losses in fp32 with autocast off: under it (z / tau) @ z.T would run in bf16, whose spacing near 1 / tau
+    # = 10 is 0.0625, coarse next to the differences between similarities that the InfoNCE terms weigh
+    ce = F.cross_entropy(logits.float(), y, ignore_index=255)                  # Eq. 5: CE on the original pairs
+    l_cp = torch.zeros((), device=device)
+    if contrast == 'cavp':   # Z = the original pairs and the permuted ones, stacked: 2B, D, h, w
+        z_all, hot = torch.cat([z, z_perm]).float(), torch.cat([t, a_hot.float()])
+        # 4. Eq. 2: every pixel's role in its pairing (E_fg class c, E_bg, E_unknown, ignore)
+        role = L.pixel_roles(torch.cat([y, y]), hot, torch.cat([t, t]), size=z.shape[-2:])        # N = 2B h w
+        # 5. sample up to max_anchors pixels per role, E_fg : E_bg = pos_frac (ours, not in the official code)
+        idx = L.sample_pixels(role, max_anchors=args.max_anchors, pos_frac=args.pos_frac, generator=gen_dev)
+        # 6. Eqs. 3-4: InfoNCE of each sampled anchor against its positives and negatives
+        l_cp = L.cavp_loss(L.gather_pixels(z_all, idx), role[idx], args.tau)
+    elif contrast == 'supcon':   # Table 5's baseline: labels as classes, original pairs only
+        l_cp, _ = L.contrastive_loss(z.float(), y, t, t, mode='supcon', tau=args.tau,
+                                     max_anchors=args.max_anchors, pos_frac=args.pos_frac, generator=gen_dev)
+    return ce + args.cavp_weight * l_cp, ce, l_cp                                  # 7. Eq. 5
 
 
 # ------------------------------------------------------------------------------------- schedule, sampling, state
@@ -355,7 +357,7 @@ def balance_weights(dataset, power):
 
 
 def save_atomic(obj, path):
-    tmp = path + '.tmp'
+    tmp = f'{path}.{os.getpid()}.tmp'   # per process: no two writers ever share a temporary name
     torch.save(obj, tmp)
     os.replace(tmp, path)   # a crash mid-write leaves the previous checkpoint intact
 
@@ -415,9 +417,14 @@ def setup(args):
     if cuda and args.amp != 'fp32':
         bf16 = args.amp == 'bf16' or (args.amp == 'auto' and torch.cuda.is_bf16_supported())
         amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    elif args.amp == 'bf16':   # CPU autocast: the mixed-precision path of a GPU run, on a CPU
+        amp_dtype = torch.bfloat16
+    elif args.amp == 'fp16':
+        raise ValueError('--amp fp16 needs CUDA (its GradScaler); on a CPU use --amp bf16 or fp32')
+    # per rank, as official (seed + rank): no two ranks draw the same numbers; DDP copies rank 0's initial weights
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
     master = rank == 0
     return types.SimpleNamespace(ddp=ddp, rank=rank, world=world, cuda=cuda, device=device, amp_dtype=amp_dtype,
                                  channels_last=args.channels_last == 'on' or (args.channels_last == 'auto' and cuda),
@@ -437,39 +444,44 @@ def run_folder(args):
     return path
 
 
+def build_splits(args, progress):
+    """(source kind, [train, val, test] datasets) for --data / --root: the kind from data.resolve_root
+    ('avsbench' for AVSBench)."""
+    source = 'avsbench' if args.data in data.AVSBENCH else \
+        data.resolve_root(args.data, args.root, data_seed=args.data_seed, progress=progress)[1]
+    return source, [data.build_dataset(args.data, args.root, split, train=split == 'train', crop=args.crop,
+                                       scale=args.scale, audio_seconds=args.audio_seconds, mono=args.mono,
+                                       seed=args.seed, data_seed=args.data_seed, resize=args.resize,
+                                       test_scale=args.test_scale, progress=progress)
+                    for split in ('train', 'val', 'test')]
+
+
 def make_data(args, env):
-    """The three splits and the training loader. Rank 0 generates the built-in source once; the others wait."""
-    source = 'avsbench'
-    if args.data not in data.AVSBENCH:
-        if env.master:
-            source = data.resolve_root(args.data, args.root, data_seed=args.data_seed)[1]
-        if env.ddp:
-            dist.barrier()
-        if not env.master:
-            source = data.resolve_root(args.data, args.root, data_seed=args.data_seed, progress=False)[1]
+    """The three splits and the training loader. Rank 0 builds them first, so that everything derived on disk (the
+    built-in source, the official release's remapped masks) is written once; the other ranks then only read it."""
+    per_rank = per_process_batch(args.batch_size, env.world, args.contrast)   # before any work
+    if env.master:
+        source, splits = build_splits(args, progress=True)
+    if env.ddp:
+        dist.barrier()
+    if not env.master:
+        source, splits = build_splits(args, progress=False)
     # ImageNet features do not transfer to the generated shapes; torchvision has no ImageNet resnet10
     if args.weights == 'auto':
         args.weights = 'none' if source == 'builtin' or args.backbone in NO_IMAGENET else 'imagenet'
     if args.audio_weights == 'auto':
         args.audio_weights = 'imagenet' if source not in ('builtin', 'avsbench') and \
             args.audio_backbone == 'resnet18' else 'none'
-    splits = [data.build_dataset(args.data, args.root, split, train=split == 'train', crop=args.crop,
-                                 scale=args.scale, audio_seconds=args.audio_seconds, mono=args.mono, seed=args.seed,
-                                 data_seed=args.data_seed, resize=args.resize, test_scale=args.test_scale)
-              for split in ('train', 'val', 'test')]
     for ds, split in zip(splits, ('train', 'val', 'test')):
         if args.limit:
             ds.rows = ds.rows[:args.limit]
         if not len(ds):   # found now, not after an epoch of training
             raise ValueError(f'--data {args.data} (--root {args.root or "built-in"}): the {split} split is empty')
-    per_rank = args.batch_size // env.world
-    if per_rank < 2 or per_rank * env.world != args.batch_size:
-        raise ValueError(f'--batch-size {args.batch_size} must split into >= 2 per process over {env.world} processes')
     train_set = splits[0]
     sampler = EpochSampler(train_set, weights=balance_weights(train_set, args.balance), num_replicas=env.world,
                            rank=env.rank, shuffle=True, seed=args.seed, drop_last=True)
-    # its own generator: the workers' base seed is then not drawn from the global RNG (dropout's), so a resumed
-    # run draws the same dropout masks as an uninterrupted one
+    # its own generator: the workers' base seed is then not drawn from the global RNG, so a resumed run draws the
+    # same numbers from it as an uninterrupted one
     loader = torch.utils.data.DataLoader(train_set, batch_size=per_rank, sampler=sampler, num_workers=args.workers,
                                          pin_memory=env.cuda, drop_last=True, persistent_workers=args.workers > 0,
                                          prefetch_factor=4 if args.workers > 0 else None,
@@ -479,8 +491,26 @@ def make_data(args, env):
     return splits, sampler, loader
 
 
+MIN_PAIRING_BATCH = 4   # per process, for --contrast cavp (official: 8 per GPU)
+
+
+def per_process_batch(batch_size, world, contrast):
+    """--batch-size (global) split over `world` processes. Eq. 1 pairs the samples of one process's batch: at 2 a
+    permutation is the identity half the time and the step mines nothing, at 4 one time in 24 (a quarter of the
+    pairs stay matched on average at any size), so CAVP asks for >= MIN_PAIRING_BATCH per process."""
+    per, least = batch_size // world, MIN_PAIRING_BATCH if contrast == 'cavp' else 2
+    if per * world != batch_size:
+        raise ValueError(f'--batch-size {batch_size} does not split evenly over {world} processes')
+    if per < least:
+        raise ValueError(f'--batch-size {batch_size} over {world} processes leaves {per} per process; ' +
+                         (f"--contrast cavp pairs inside each process's batch (Eq. 1) and needs >= {least} "
+                          f'(official: 8 per GPU): raise --batch-size or use fewer processes'
+                          if contrast == 'cavp' else f'BatchNorm needs >= {least}'))
+    return per
+
+
 def make_model(args, env, num_classes):
-    """CAVP, its optimizer (image backbone at lr, everything else at lr x head_lr_mult) and the AMP grad scaler."""
+    """CAVP, its optimizer (param_groups) and the AMP grad scaler."""
     args.num_classes = num_classes
     model = CAVP(num_classes=num_classes, backbone=args.backbone, output_stride=args.output_stride,
                  audio_channels=1 if args.mono else 2, attn=args.attn, heads=args.heads, dim=args.dim,
@@ -489,17 +519,28 @@ def make_model(args, env, num_classes):
                  audio_weights=None if args.audio_weights == 'none' else args.audio_weights).to(env.device)
     if env.channels_last:
         model.to(memory_format=torch.channels_last)
-    backbone = [q for q in model.backbone.parameters() if q.requires_grad]
-    ids = {id(q) for q in backbone}
-    other = [q for q in model.parameters() if id(q) not in ids and q.requires_grad]   # --freeze-audio drops some
-    groups = [{'params': backbone, 'mult': 1.0}, {'params': other, 'mult': args.head_lr_mult}]
+    groups = param_groups(model, head_lr_mult=args.head_lr_mult, weight_decay=args.weight_decay)
     # fused: one kernel over all parameters (CPU and CUDA); a per-tensor loop costs ~80 ms a step on 2 CPU cores
     if args.optimizer == 'sgd':
-        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
+        opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, fused=True)
     else:
-        opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        opt = torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler('cuda', enabled=env.amp_dtype == torch.float16)
     return model, opt, scaler
+
+
+def param_groups(model, *, head_lr_mult, weight_decay):
+    """Optimizer groups as the official trainer makes them (`main_vpo_stereo.py` set_group_lr, group_weight): the
+    segmentation head (ASPP, layer1 reduce, head convs and classifier) at lr x head_lr_mult, everything else (image
+    backbone, audio branch, f_CA) at lr; no weight decay on 1-d parameters (norm weights and biases). Each group's
+    'mult' is read by the lr schedule. Frozen parameters (--freeze-audio) are left out."""
+    head = {id(q) for m in (model.aspp, model.reduce, model.head) for q in m.parameters()}
+    groups = {}
+    for q in model.parameters():
+        if q.requires_grad:
+            key = (head_lr_mult if id(q) in head else 1.0, weight_decay if q.ndim > 1 else 0.0)
+            groups.setdefault(key, []).append(q)
+    return [{'params': qs, 'mult': mult, 'weight_decay': wd} for (mult, wd), qs in sorted(groups.items())]
 
 
 def wrap(model, args, env):
@@ -610,8 +651,10 @@ def main(argv=None):
             save('last.pt')
             if state['val_pending']:
                 validate_and_select()
-    # 6. test: the best-on-val checkpoint, on the test split (never used for selection)
-    metrics = test(model, test_set, args, env, run_dir, state, record) if env.master else None
+    # 6. test: the best-on-val checkpoint, on the test split (never used for selection), shared out over the ranks
+    if env.ddp:
+        dist.barrier()   # best.pt is written by rank 0
+    metrics = test(model, test_set, args, env, run_dir, state, record)
     if log:
         log.close()
     if env.ddp:
@@ -631,12 +674,18 @@ def restore(ckpt, model, opt, scaler, bank, state):
 
 
 def test(model, test_set, args, env, run_dir, state, record):
+    """Every rank evaluates its share of the test split (evaluate.evaluate sums the counts over the ranks); rank 0
+    writes metrics.json and prints the table."""
     path = args.resume if args.test_only else os.path.join(run_dir, 'best.pt')
     model.load_state_dict(evaluate.read_checkpoint(path, flag='--resume' if args.test_only else 'best.pt')['model'])
-    os.makedirs(run_dir, exist_ok=True)
+    if env.master:
+        os.makedirs(run_dir, exist_ok=True)
     metrics = evaluate.evaluate(model, test_set, env.device, amp_dtype=env.amp_dtype, probes=not args.no_probes,
-                                vis=args.vis, vis_dir=os.path.join(run_dir, 'vis'), progress=True)
+                                vis=args.vis, vis_dir=os.path.join(run_dir, 'vis'), progress=env.master,
+                                rank=env.rank, world=env.world)
     metrics.update(best_epoch=state['best_epoch'], val_miou=state['best'], checkpoint=path, args=vars(args))
+    if not env.master:
+        return metrics
     with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
         json.dump(metrics, f, indent=1)
     env.say(evaluate.format_table(metrics, test_set.classes))

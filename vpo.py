@@ -751,8 +751,9 @@ def read_official(root, subset, split, *, audio=None, seed=0, val_frac=0.15, cac
             todo.append((src, r['mask']))
     for src, dst in tqdm(todo, desc=f'remapping vpo_{subset}/{split} masks', disable=not progress or not todo):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        _remap_official(src, dst + '.tmp.png')
-        os.replace(dst + '.tmp.png', dst)   # a crash never leaves a half-written mask behind
+        tmp = f'{dst}.{os.getpid()}.tmp.png'   # per process: another process may be writing the same mask
+        _remap_official(src, tmp)
+        os.replace(tmp, dst)   # a crash never leaves a half-written mask behind
     return rows
 
 
