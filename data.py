@@ -239,9 +239,12 @@ class VPODataset(torch.utils.data.Dataset):
         self.itd = vpo.read_json(meta).get('itd', False) if os.path.exists(meta) else False
         self.index = {c: i for i, c in enumerate(self.classes)}
         for n, row in enumerate(rows):
-            for o in row['objects']:
+            for k, o in enumerate(row['objects']):
                 if o['cls'] not in self.index:
                     raise ValueError(f'{self.manifest}:{n + 1}: unknown class {o["cls"]!r}; known: {self.classes[1:]}')
+                if o['sounding'] and (not o.get('clip') or o.get('alpha') is None):   # found now, not mid-epoch
+                    raise ValueError(f'{self.manifest}:{n + 1}: object {k} ({o["cls"]}) sounds but has no '
+                                     f'{"clip" if not o.get("clip") else "alpha"}')
 
     def __len__(self):
         return len(self.rows)
@@ -256,8 +259,11 @@ class VPODataset(torch.utils.data.Dataset):
 
     def load(self, i, *, sounding=None, audio=None, swap=False, flip=False, rng=None, augment=False):
         """Sample i; for probes, `sounding` re-chooses which objects sound (label and audio rebuilt from
-        the instance map and their clips), `audio` = 'silence' | 'noise' replaces the sound, `swap`
+        the instance map and their clips), `audio` = 'silence' | 'noise' replaces the sound (no clip is
+        read, so an object without one, `clip: null` where its class had no audio, may sound then), `swap`
         exchanges L and R without flipping the image, `flip` mirrors image, mask and sound together."""
+        if audio not in (None, 'silence', 'noise'):
+            raise ValueError(f"load: audio={audio!r}; expected None, 'silence' or 'noise'")
         row, where = self.rows[i], f'{self.manifest}:{i + 1}'
         rng = rng if rng is not None else np.random.default_rng([self.seed, i])
         image = _open(self._path(row['image']), 'image', where).convert('RGB')
@@ -286,8 +292,11 @@ class VPODataset(torch.utils.data.Dataset):
         # audio: each sounding object's clip panned by its (possibly mirrored) alpha, then mixed (Fig. 3)
         L = int(round(self.seconds * SR))
         waves, alphas = [], []
-        for k in sounding:
+        for k in sounding if audio is None else ():
             o = objects[k]
+            if not o.get('clip'):
+                raise ValueError(f'{where}: object {k} ({o["cls"]}) has no clip (vpo.py found no audio for its '
+                                 f'class), so it cannot sound')
             waves.append(read_clip(self._path(o['clip']), self.seconds, rng if augment else None))
             alphas.append(1 - o['alpha'] if flip else o['alpha'])
         if audio == 'silence' or not waves:

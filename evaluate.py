@@ -132,14 +132,27 @@ def f_score(prob, gt, beta2=0.3, valid=None, num_thresholds=255):
 
 
 def format_table(metrics, classes):
-    """Markdown per-class table (like Tables 9-11, transposed: one row per class), values in %."""
+    """Markdown per-class table (like Tables 9-11, transposed: one row per class), values in %; after
+    evaluate(), a line below it with the probes' counts (probe_counts)."""
     pc = metrics['per_class']
     cols = ('iou', 'fbeta', 'precision', 'recall', 'fdr')
     fmt = lambda x: '-' if x is None else f'{100 * x:.2f}'
     lines = ['| class | IoU | F_beta | precision | recall | FDR |', '|---|---:|---:|---:|---:|---:|']
     lines += [f'| {c} | ' + ' | '.join(fmt(pc[k][i]) for k in cols) + ' |' for i, c in enumerate(classes)]
     lines.append(f"| **mean** | {fmt(metrics['miou'])} | {fmt(metrics['fbeta'])} | | | {fmt(metrics['fdr'])} |")
+    if 'cf_n' in metrics:
+        lines += ['', probe_counts(metrics)]
     return '\n'.join(lines)
+
+
+def probe_counts(m):
+    """'probes: cf_n 6, skipped 3 (no clip); stereo_n 0, skipped 0': the samples each probe scored and those
+    it skipped, by reason (Probes); 'probes: off' when none ran (--no-probes, AVSBench)."""
+    if m.get('halluc_silence') is None:
+        return 'probes: off'
+    skips = lambda d: ', '.join(f'{v} ({k})' for k, v in d.items() if v) or '0'
+    return '; '.join(f"{'probes: ' * (p == 'cf')}{p}_n {m[p + '_n']}, skipped {skips(m[p + '_skipped'])}"
+                     for p in ('cf', 'stereo'))
 
 
 def summary(m):
@@ -155,17 +168,20 @@ def summary(m):
 
 def counterfactual_class(objects):
     """The class whose audio replaces the original in the counterfactual probe (Figs. 1, 14), or None
-    when the image holds fewer than 2 VPO classes: the first class (in object order) that is not
-    sounding; if every class sounds (MS), the first class other than the first sounding object's."""
+    when the image holds fewer than 2 VPO classes or none of them can be played: the first class (in
+    object order) that is not sounding; if every class sounds (MS), the first class other than the first
+    sounding object's. Only classes whose objects all have a clip are chosen: vpo.py writes `clip: null`
+    for the objects of a class it found no audio for (summary.json: classes_without_audio)."""
     present = list(dict.fromkeys(o['cls'] for o in objects))
     if len(present) < 2:
         return None
+    mute = {o['cls'] for o in objects if not o.get('clip')}
     sounding = {o['cls'] for o in objects if o['sounding']}
-    silent = [c for c in present if c not in sounding]
+    silent = [c for c in present if c not in sounding and c not in mute]
     if silent:
         return silent[0]
-    first = next(o['cls'] for o in objects if o['sounding'])
-    return next(c for c in present if c != first)
+    first = next((o['cls'] for o in objects if o['sounding']), None)
+    return next((c for c in present if c != first and c not in mute), None)
 
 
 def mirror_pair(objects):
@@ -238,6 +254,9 @@ class SplitMetrics:
         return dict(J=self.j_sum / self.j_n if self.j_n else None, F=self.f_sum / self.f_n if self.f_n else None)
 
 
+SKIPS = ('no instance map', 'no clip')   # why a probe skips a sample (Probes); stereo has the first only
+
+
 class Probes:
     """The audio probes (Figs. 1, 13, 14) on datasets with `load` and `rows` (VPODataset). Each takes the
     image with another audio, a re-mix of its own clips:
@@ -247,8 +266,12 @@ class Probes:
       swap    stereo (Fig. 13), VPO-MSMI, on mirror_pair() samples: with the
               original audio, does the class-c prediction cover a larger fraction of the sounding instance
               s than of its mirror m; with L and R swapped (load(i, swap=True)), does it move to m.
-    Re-choosing the sounding objects (cf, swap) needs the instance map, which the official release lacks."""
-    SUMS = ('conf_cf', 'cf_n', 'fg_px', 'total_px', 'stereo_n', 'stereo_hit', 'swap_hit')   # see sum_over_ranks
+    Re-choosing the sounding objects (cf, swap) needs the instance map, which the official release lacks.
+    A sample a probe cannot take is counted in cf_skipped / stereo_skipped by reason (SKIPS): 'no instance
+    map', or for cf 'no clip' (>= 2 classes, but every class it could play has no audio). The stereo probe
+    plays the sample's own clips, swapped, and reads m's mask without its sound: it needs no other clip."""
+    SUMS = ('conf_cf', 'cf_n', 'fg_px', 'total_px', 'stereo_n', 'stereo_hit', 'swap_hit', 'cf_skipped',
+            'stereo_skipped')   # what sum_over_ranks adds up
 
     def __init__(self, dataset, enabled=True):
         self.dataset, self.C = dataset, dataset.num_classes
@@ -259,6 +282,7 @@ class Probes:
         self.conf_cf, self.cf_n = torch.zeros(self.C, self.C, dtype=torch.int64), 0
         self.fg_px, self.total_px = {'silence': 0, 'noise': 0}, 0
         self.stereo_n, self.stereo_hit, self.swap_hit = 0, 0, 0
+        self.cf_skipped, self.stereo_skipped = dict.fromkeys(SKIPS, 0), dict.fromkeys(SKIPS[:1], 0)
 
     def samples(self, i, sample):
         """{name: sample dict} of sample i's probe audios, in batch order; 'cf' carries its class in
@@ -269,6 +293,11 @@ class Probes:
         objects, rechoose = row['objects'], bool(row.get('inst'))
         out = {}
         c = counterfactual_class(objects) if rechoose else None
+        if not rechoose:
+            self.cf_skipped['no instance map'] += 1
+            self.stereo_skipped['no instance map'] += self.stereo
+        elif c is None and len({o['cls'] for o in objects}) >= 2:
+            self.cf_skipped['no clip'] += 1
         if c is not None:   # Figs. 1, 14: another present class's audio; its instances are the target
             out['cf'] = {**load(i, sounding=[k for k, o in enumerate(objects) if o['cls'] == c]), 'cls': c}
         for kind in ('silence', 'noise'):
@@ -295,7 +324,7 @@ class Probes:
         s, m = pair
         k = self.dataset.classes.index(self.dataset.rows[i]['objects'][s]['cls'])
         inst_s = label[0] == k
-        inst_m = self.dataset.load(i, sounding=[m])['label'].to(label.device) == k
+        inst_m = self.dataset.load(i, sounding=[m], audio='silence')['label'].to(label.device) == k   # no clip read
         cover = lambda p, mask: (p & mask).sum().item() / max(mask.sum().item(), 1)
         self.stereo_n += 1
         self.stereo_hit += cover(pred == k, inst_s) > cover(pred == k, inst_m)
@@ -307,7 +336,8 @@ class Probes:
                     halluc_silence=frac(self.fg_px['silence'], self.total_px),
                     halluc_noise=frac(self.fg_px['noise'], self.total_px),
                     stereo_acc=frac(self.stereo_hit, self.stereo_n),
-                    stereo_swap_acc=frac(self.swap_hit, self.stereo_n), stereo_n=self.stereo_n)
+                    stereo_swap_acc=frac(self.swap_hit, self.stereo_n), stereo_n=self.stereo_n,
+                    cf_skipped=dict(self.cf_skipped), stereo_skipped=dict(self.stereo_skipped))
 
 
 def sum_over_ranks(obj, device):
@@ -336,10 +366,12 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
                                              all-ignore images: see there)
       classes, n                             class names, samples evaluated
       cf_miou, cf_n                          counterfactual probe: dataset-level mIoU over its samples (Probes)
+      cf_skipped, stereo_skipped             samples a probe skipped, by reason (Probes, SKIPS)
       halluc_silence, halluc_noise           share of all pixels predicted foreground under silence / noise
       stereo_acc, stereo_swap_acc, stereo_n  stereo probe, VPO-MSMI only (else None)
     vis > 0 writes PNGs of the first `vis` samples to vis_dir. Probe values are None when no sample
-    qualifies or probes=False. The model's train/eval mode is restored afterwards.
+    qualifies or probes=False. The model's train/eval mode is restored afterwards. A sample that fails
+    raises SampleError, one line naming it and its file (sample_name) with the cause.
     Under torch.distributed (world > 1) each rank evaluates samples rank, rank + world, ... and the sums are added
     up over the ranks (sum_over_ranks): every rank returns the whole split's metrics, those of one process."""
     if vis and not vis_dir:
@@ -348,7 +380,7 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     metrics, probe = SplitMetrics(dataset.num_classes), Probes(dataset, probes)
-    was_training = model.training
+    was_training, i = model.training, None
     model.eval()
     try:
         for i in _progress(range(rank, n, world), progress):
@@ -366,6 +398,11 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
                 audio_preds = [(extra.get(k, {}).get('cls', k), p) for k, p in preds.items() if k != 'swap']
                 save_picture(os.path.join(vis_dir, f'{i:05d}.png'), s['image'], s['label'], preds['original'][0],
                              _attn_map(attn[:1], tuple(label.shape[-2:])), audio_preds, list(dataset.classes))
+    except Exception as e:   # any failure, data or model: say which sample, so it can be found and fixed
+        if i is None:
+            raise
+        cause = (str(e).splitlines() or [''])[0]
+        raise SampleError(f'{sample_name(dataset, i)}: {type(e).__name__}: {cause}') from e
     finally:
         model.train(was_training)
     if world > 1:
@@ -374,6 +411,21 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
     m = semantic_scores(metrics.conf)
     m.update(classes=list(dataset.classes), n=n, **metrics.per_image(), **probe.result())
     return m
+
+
+class SampleError(ValueError):
+    """evaluate() failed on one sample: the message names it and its file, in one line."""
+
+
+def sample_name(dataset, i):
+    """'sample i (<id>, <manifest>:<line>)' for a row of a VPO manifest; for other rows (the official
+    release's, AVSBench frames) the image file in place of the manifest line."""
+    rows = getattr(dataset, 'rows', None)
+    row = rows[i] if rows is not None and i < len(rows) else {}
+    manifest = getattr(dataset, 'manifest', None)
+    where = f'{manifest}:{i + 1}' if manifest and os.path.isfile(manifest) else row.get('image')
+    tags = [str(t) for t in (row.get('id'), where) if t]
+    return f'sample {i}' + (f" ({', '.join(tags)})" if tags else '')
 
 
 def _progress(it, on):

@@ -1685,6 +1685,108 @@ def assert_metrics_are_best_pt(saved, d, root):
         assert again[k] == pytest.approx(saved[k], abs=1e-9), k
 
 
+# a partial VGGSound download: Table 7 classes without a single clip (vpo.py: classes_without_audio)
+MUTE = ('bird', 'cell phone', 'skateboard', 'tennis racket', 'zebra')
+
+
+@pytest.fixture(scope='module')
+def vpo_mute(builtin, tmp_path_factory):
+    """VPO built by vpo.build from the built-in COCO tree and its audio folder without MUTE's label folders: their
+    objects never sound and have `clip: null`. Returns (VPO folder, summary)."""
+    root, src = tmp_path_factory.mktemp('mute'), os.path.dirname(builtin)
+    gone = {vpo.folder_name(label) for c in MUTE for label in vpo.TABLE7[c]}
+    (root / 'audio').mkdir()
+    for d in sorted(set(os.listdir(os.path.join(src, 'audio'))) - gone):
+        os.symlink(os.path.join(src, 'audio', d), root / 'audio' / d)
+    summary = vpo.build(os.path.join(src, 'coco'), str(root / 'audio'), str(root / 'vpo'), workers=1, progress=False)
+    return str(root / 'vpo'), summary
+
+
+def _rows(folder, subset, split):
+    return [json.loads(line) for line in open(os.path.join(folder, subset, f'{split}.jsonl'))]
+
+
+def test_manifest_fields_that_may_be_null_are_handled(vpo_mute):
+    """clip is null exactly for the objects of a class without audio, which never sound; alpha, area and inst are
+    always written by vpo.build (the official release's inst / area None: test_official_release, and the probes
+    skip such rows: test_probes_skip_and_count_samples_they_cannot_take)."""
+    folder, summary = vpo_mute
+    assert set(summary['skipped']['classes_without_audio']) == set(MUTE)
+    nulls = 0
+    for subset in vpo.SUBSETS:
+        for split in vpo.SPLITS:
+            for row in _rows(folder, f'vpo_{subset}', split):
+                assert isinstance(row['inst'], str) and os.path.isfile(os.path.join(folder, row['inst']))
+                for o in row['objects']:
+                    assert isinstance(o['alpha'], float) and 0 <= o['alpha'] <= 1 and isinstance(o['area'], int)
+                    assert (o['clip'] is None) == (o['cls'] in MUTE) and not (o['sounding'] and o['clip'] is None)
+                    nulls += o['clip'] is None
+    assert nulls >= 10
+    ds = data.VPODataset(folder, 'vpo_ss', 'test', audio_seconds=0.5)
+    i, k = next((i, k) for i, r in enumerate(ds.rows) for k, o in enumerate(r['objects']) if o['clip'] is None)
+    with pytest.raises(ValueError, match=rf"test.jsonl:{i + 1}: object {k} \({ds.rows[i]['objects'][k]['cls']}\) "
+                                         'has no clip'):
+        ds.load(i, sounding=[k])
+    s = ds.load(i, sounding=[k], audio='silence')           # its mask without its sound: what the stereo probe reads
+    assert s['wave'].abs().sum() == 0 and vpo.CLS_INDEX[ds.rows[i]['objects'][k]['cls']] in s['label'].unique()
+    rows = [dict(ds.rows[i], objects=[dict(o, sounding=n == k) for n, o in enumerate(ds.rows[i]['objects'])])]
+    with pytest.raises(ValueError, match=rf'test.jsonl:1: object {k} \(.*\) sounds but has no clip'):
+        data.VPODataset(folder, 'vpo_ss', 'test', rows=rows)   # a hand-edited manifest: refused when read
+
+
+def test_e2e_probes_on_a_vpo_whose_audio_lacks_some_classes(vpo_mute, tmp_path, capsys):
+    """Train with the probes on: the counterfactual plays only classes that have clips, a sample whose other
+    classes all lack audio is skipped, and metrics.json counts both (before: a TypeError after training)."""
+    folder, _ = vpo_mute
+    rows = _rows(folder, 'vpo_ss', 'test')
+    first_silent = lambda objs: next((o['cls'] for o in objs if o['cls'] not in {q['cls'] for q in objs
+                                                                               if q['sounding']}), None)
+    assert any(first_silent(r['objects']) in MUTE for r in rows)   # the class the probe played before: no clip
+    for r in rows:   # the class chosen has every clip, so load() can play it
+        c = ev.counterfactual_class(r['objects'])
+        assert c is None or all(o['clip'] for o in r['objects'] if o['cls'] == c)
+    multi = sum(len({o['cls'] for o in r['objects']}) >= 2 for r in rows)
+    skip = sum(len({o['cls'] for o in r['objects']}) >= 2 and ev.counterfactual_class(r['objects']) is None
+               for r in rows)
+    assert skip >= 1
+    tiny_run(folder, tmp_path, '--epochs', '1', '--name', 'mute', '--limit', '0', '--vis', '2')
+    m = json.load(open(tmp_path / 'mute' / 'metrics.json'))
+    assert m['n'] == len(rows) and m['cf_skipped'] == {'no instance map': 0, 'no clip': skip}
+    assert m['cf_n'] == multi - skip and m['cf_n'] > 0 and m['cf_miou'] is not None
+    assert m['stereo_n'] == 0 and m['stereo_skipped'] == {'no instance map': 0}
+    assert len(os.listdir(tmp_path / 'mute' / 'vis')) == 2
+    assert f'probes: cf_n {multi - skip}, skipped {skip} (no clip); stereo_n 0, skipped 0' in capsys.readouterr().out
+
+
+def test_e2e_a_failed_test_keeps_the_run_and_names_the_sample_and_the_redo(vpo_mute, tmp_path, monkeypatch):
+    """A clip that cannot be read in the test (after training): one line naming the sample, its manifest line and
+    the clip; best.pt / last.pt stay; the printed --test-only command redoes the test."""
+    folder, _ = vpo_mute
+    rows = _rows(folder, 'vpo_ss', 'test')
+    seen = {o['clip'] for split in ('train', 'val') for r in _rows(folder, 'vpo_ss', split) for o in r['objects']}
+    i, clip = next((i, o['clip']) for i, r in enumerate(rows) for o in r['objects']
+                   if o['sounding'] and o['clip'] not in seen)
+    bad = os.path.join(folder, clip)
+    read = data.read_clip
+
+    def damaged(path, *a, **kw):
+        if os.path.abspath(path) == os.path.abspath(bad):
+            raise RuntimeError(f'cannot read audio clip {path}: damaged')
+        return read(path, *a, **kw)
+    monkeypatch.setattr(data, 'read_clip', damaged)
+    with pytest.raises(train.TestFailed) as e:
+        tiny_run(folder, tmp_path, '--epochs', '1', '--name', 'broke', '--limit', '0', '--max-steps', '1')
+    msg, d = str(e.value), tmp_path / 'broke'
+    assert '\n' not in msg and f"sample {i} ({rows[i]['id']}, {folder}/vpo_ss/test.jsonl:{i + 1})" in msg
+    assert 'damaged' in msg and os.path.basename(bad) in msg and f'checkpoints kept in {d}' in msg
+    assert f'python train.py --resume {d}/best.pt --test-only' in msg and f'evaluate.py --ckpt {d}/best.pt' in msg
+    assert (d / 'best.pt').exists() and (d / 'last.pt').exists() and not (d / 'metrics.json').exists()
+    assert json.loads(open(d / 'log.jsonl').readlines()[-1])['kind'] == 'test_failed'
+    monkeypatch.undo()   # the clip is readable again: the printed command redoes the test
+    m = train.main(['--resume', str(d / 'best.pt'), '--test-only'])
+    assert m['n'] == len(rows) and m['cf_skipped']['no clip'] >= 1 and (tmp_path / 'broke-2' / 'metrics.json').exists()
+
+
 @pytest.mark.parametrize('workers', ['0', '1'])
 def test_e2e_resume_continues_exactly(tiny_root, tmp_path, monkeypatch, workers):
     """2 epochs straight == 1 epoch, a crash, a bare --resume, 1 more epoch (weights, optimizer, bank, RNG), with
@@ -2412,8 +2514,9 @@ class FakeDataset:
             for k, (lo, hi) in enumerate(cols):
                 inst[:, lo:hi] = k + 1
             self.inst.append(inst)
-            self.rows.append({'id': f'fake/{i}', 'inst': f'inst/{i}.png', 'objects': [dict(cls=c, alpha=(lo + hi) / 2 / EW, sounding=snd)
-                                                              for (c, snd), (lo, hi) in zip(objs, cols)]})
+            self.rows.append({'id': f'fake/{i}', 'inst': f'inst/{i}.png', 'objects': [
+                dict(cls=c, alpha=(lo + hi) / 2 / EW, sounding=snd, clip=f'audio/{c}.wav')
+                for (c, snd), (lo, hi) in zip(objs, cols)]})
 
     def __len__(self):
         return len(self.rows)
@@ -2566,17 +2669,51 @@ def test_evaluate_without_instance_maps():
         row['inst'] = None
     m = ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
     assert m['cf_miou'] is None and m['cf_n'] == 0 and m['stereo_n'] == 0
+    assert m['cf_skipped'] == {'no instance map': 2, 'no clip': 0} and m['stereo_skipped'] == {'no instance map': 2}
     assert m['halluc_noise'] == pytest.approx(20 / 32) and m['miou'] == pytest.approx(1.0)
 
 
 def test_counterfactual_and_mirror_choice():
-    o = lambda c, s, a=0.5: dict(cls=c, sounding=s, alpha=a)
+    o = lambda c, s, a=0.5: dict(cls=c, sounding=s, alpha=a, clip=f'{c}.wav')
     assert ev.counterfactual_class([o('dog', True), o('dog', False)]) is None
     assert ev.counterfactual_class([o('dog', True), o('cat', False), o('cow', False)]) == 'cat'
     assert ev.counterfactual_class([o('dog', True), o('cat', True)]) == 'cat'       # MS: all sound
     assert ev.mirror_pair([o('dog', True, 0.2), o('dog', False, 0.45), o('dog', False, 0.9), o('dog', False, 0.75)]) == (0, 3)
     assert ev.mirror_pair([o('dog', True, 0.2), o('dog', True, 0.8)]) is None       # both sound
     assert ev.mirror_pair([o('cat', True, 0.3), o('dog', True, 0.2), o('dog', False, 0.7)]) == (1, 2)
+
+
+def test_probes_skip_and_count_samples_they_cannot_take():
+    """vpo.py writes `clip: null` for the objects of a class without audio: the counterfactual plays another
+    class that has clips, or skips the sample and counts it; the stereo probe reads its mirror's mask only."""
+    o = lambda c, s, clip=True: dict(cls=c, sounding=s, alpha=0.5, clip=f'{c}.wav' if clip else None)
+    assert ev.counterfactual_class([o('dog', True), o('zebra', False, False), o('cat', False)]) == 'cat'
+    assert ev.counterfactual_class([o('dog', True), o('zebra', False, False), o('zebra', False, False)]) is None
+    assert ev.counterfactual_class([o('dog', True), o('cat', True), o('zebra', False, False)]) == 'cat'   # MS
+    assert ev.counterfactual_class([o('dog', True), o('cat', False), o('cat', False, False)]) is None
+    ds = make_dataset()
+    ds.rows[1]['objects'][1]['clip'] = None                  # image 1: its only other class, the cat, has no clip
+    ds.rows[0]['objects'][1]['clip'] = None                  # image 0: the silent mirror dog has none either
+    m = ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
+    assert m['cf_n'] == 0 and m['cf_miou'] is None and m['cf_skipped'] == {'no instance map': 0, 'no clip': 1}
+    assert m['stereo_n'] == 1 and m['stereo_acc'] == 1.0 and m['stereo_skipped'] == {'no instance map': 0}
+    table = ev.format_table(m, CLASSES)
+    assert table.endswith('\n\nprobes: cf_n 0, skipped 1 (no clip); stereo_n 1, skipped 0')
+    off = ev.evaluate(SplitFakeModel(), ds, 'cpu', probes=False, progress=False)
+    assert ev.format_table(off, CLASSES).endswith('probes: off')
+
+
+def test_a_sample_that_fails_is_named_in_one_line():
+    ds = make_dataset()
+    load = ds.load
+
+    def fail_on_1(i, **kw):
+        if i == 1:
+            raise TypeError('expected str\nsecond line')
+        return load(i, **kw)
+    ds.load = fail_on_1
+    with pytest.raises(ev.SampleError, match=r'^sample 1 \(fake/1\): TypeError: expected str$'):
+        ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
 
 
 def test_vis_writes_pngs(tmp_path):

@@ -654,13 +654,32 @@ def main(argv=None):
     # 6. test: the best-on-val checkpoint, on the test split (never used for selection), shared out over the ranks
     if env.ddp:
         dist.barrier()   # best.pt is written by rank 0
-    metrics = test(model, test_set, args, env, run_dir, state, record)
+    try:
+        metrics = test(model, test_set, args, env, run_dir, state, record)
+    except Exception as e:   # the checkpoints stay: one line with the cause and the command that redoes the test
+        record(kind='test_failed', error=str(e))
+        raise TestFailed(test_failure(e, args, run_dir)) from e
     if log:
         log.close()
     if env.ddp:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+class TestFailed(ValueError):
+    """The test after training (or --test-only) failed; its message is one line (test_failure)."""
+
+
+def test_failure(e, args, run_dir):
+    """One line for a failed test: the cause (for evaluate.SampleError the sample and its file), that the run's
+    checkpoints are kept, and the README's commands that redo the test once the cause is fixed."""
+    ckpt = args.resume if args.test_only else os.path.join(run_dir, 'best.pt')
+    cause = (str(e).splitlines() or [''])[0]
+    cause = cause if isinstance(e, (OSError, ValueError)) else f'{type(e).__name__}: {cause}'
+    kept = '' if args.test_only else f'; checkpoints kept in {run_dir}'
+    return (f'test failed: {cause}{kept}; redo the test with: python train.py --resume {ckpt} --test-only '
+            f'(or: python evaluate.py --ckpt {ckpt}; add --no-probes to skip the audio probes)')
 
 
 def restore(ckpt, model, opt, scaler, bank, state):
