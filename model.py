@@ -39,15 +39,39 @@ MLP_RATIO = 2        # f_CA's MLP hidden width = 2 D; official 4 D, halved to ke
 
 # ----------------------------------------------------------------------------- weights
 
-def imagenet_file(arch):
-    """(path, url) of torchvision's IMAGENET1K_V1 file for `arch` in the local torch hub cache. Never downloaded."""
-    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
-    return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url)), url
+# torchvggish's released VGGish network (the PCA file is not needed: VGGish runs without its postprocessor)
+VGGISH_URL = 'https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth'
+
+
+def hub_file(url, *, arg):
+    """The path of `url`'s file in the torch hub cache (TORCH_HOME/hub/checkpoints/), fetched once when it is not
+    there, as torchvision's weights API does (torch.hub.load_state_dict_from_url: progress bar, the sha256 checked
+    against the hash in the file name, an atomic rename). Afterwards it is read from the cache, with no network.
+    Not cached and not downloadable (offline, or a hash mismatch): FileNotFoundError naming the file and where
+    to copy it."""
+    path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        prefix = torch.hub.HASH_REGEX.search(os.path.basename(path)).group(1)   # 'f37072fd' of resnet18-f37072fd.pth
+        torch.hub.download_url_to_file(url, path, hash_prefix=prefix)
+    except (OSError, RuntimeError) as e:   # URLError is an OSError; a wrong hash is a RuntimeError
+        reason = ' '.join(str(getattr(e, 'reason', e)).split())[:120]
+        raise FileNotFoundError(f'{arg}: {os.path.basename(path)} is not in {os.path.dirname(path)}/ and could not '
+                                f'be downloaded ({reason}); offline, fetch {url} elsewhere and copy it there') from None
+    return path
+
+
+def imagenet_url(arch):
+    """torchvision's IMAGENET1K_V1 file of `arch` (its weights API's first ImageNet weights)."""
+    return torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
 
 
 def load_weights(net, weights, *, arch, arg):
     """Load `weights` into the ResNet trunk `net`, strictly. weights: None (random init, an explicit choice),
-    'imagenet' (torchvision's file, only from the local hub cache) or the path of a state-dict file.
+    'imagenet' (torchvision's file, from the torch hub cache, fetched once: hub_file) or the path of a state-dict
+    file.
     `fc.*` keys (the ImageNet classifier, which the trunk does not have) are dropped by name; every other key
     must match in name and shape, else the error names them (the official code loads with strict=False and
     silently ignores mismatches)."""
@@ -58,11 +82,7 @@ def load_weights(net, weights, *, arch, arg):
         if arch in NO_IMAGENET:
             raise ValueError(f"{arg}='imagenet': torchvision has no ImageNet weights for {arch}; "
                              f"use 'none' or the path of a {arch} state-dict file")
-        path, url = imagenet_file(arch)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{arg}='imagenet' needs torchvision's {arch} ImageNet file "
-                                    f"{os.path.basename(path)} in {os.path.dirname(path)}/ (fetch {url} on a machine "
-                                    f"with internet and copy it there; model.py never downloads)")
+        path = hub_file(imagenet_url(arch), arg=f"{arg}='imagenet' ({arch})")
     elif not os.path.isfile(path):
         raise FileNotFoundError(f'{arg}={weights!r}: no such file')
     state = torch.load(path, map_location='cpu', weights_only=True)
@@ -179,6 +199,8 @@ class VGGish(nn.Module):
                 nn.Linear(4096, 4096), nn.ReLU(inplace=True),
                 nn.Linear(4096, self.out_dim), nn.ReLU(inplace=True))
         if weights is not None:
+            if weights == 'vggish':   # the torchvggish release, from the torch hub cache (fetched once)
+                weights = hub_file(VGGISH_URL, arg="audio_weights='vggish'")
             sd = load_vggish_weights(weights)                             # fails before allocating
             self.to_empty(device='cpu')
             self.load_state_dict(sd, strict=True)
@@ -307,7 +329,8 @@ class CAVP(nn.Module):
     audio_backbone: 'resnet18' (VPO, App. B.1) | 'resnet10' (CPU preset) | 'vggish' (AVSBench; freeze_audio as
         AVSBench).
     attn: f_CA activation, one of ATTN.   heads, dim: f_CA heads and width; dim = ASPP width + 48.
-    weights, audio_weights: None (random init) | 'imagenet' (local torch hub cache only) | path of a state dict.
+    weights, audio_weights: None (random init) | 'imagenet' (torchvision's file via the torch hub cache, fetched once)
+        | 'vggish' (audio, the torchvggish release, likewise) | path of a state dict.
     """
 
     def __init__(self, *, num_classes=22, backbone='resnet50', output_stride=8, audio_channels=2,

@@ -1294,21 +1294,80 @@ def test_missing_weights_file():
         tiny(audio_weights='/no/such/a.pth')
 
 
-def test_imagenet_only_from_local_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+def _offline(monkeypatch, calls=None):
+    """No network: every download fails as urllib fails offline (calls, when given, records the attempts)."""
+    import urllib.error
+
+    def fail(url, dst, hash_prefix=None, progress=True):
+        if calls is not None:
+            calls.append((url, dst, hash_prefix))
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fail)
+
+
+def test_imagenet_weights_as_torchvision_caches_them(tmp_path, monkeypatch):
+    """--weights imagenet reads torchvision's file from the torch hub cache under TORCH_HOME with no network; a file
+    not cached is downloaded once (hash prefix from its name) and read from the cache afterwards; offline, one
+    error names the file and the folder to copy it into."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    cache = tmp_path / 'hub' / 'checkpoints'
+    calls = []
+    _offline(monkeypatch, calls)
     with pytest.raises(FileNotFoundError) as e:
         tiny(weights='imagenet')
-    assert 'resnet18-f37072fd.pth' in str(e.value) and str(tmp_path / 'checkpoints') in str(e.value)
-    assert 'never downloads' in str(e.value)
-    assert not (tmp_path / 'checkpoints').exists()
+    assert 'resnet18-f37072fd.pth is not in ' + str(cache) in str(e.value) and 'could not be downloaded' in str(e.value)
+    assert calls == [('https://download.pytorch.org/models/resnet18-f37072fd.pth',
+                      str(cache / 'resnet18-f37072fd.pth'), 'f37072fd')] and not os.listdir(cache)
     torch.manual_seed(4)
     tv = torchvision.models.resnet18()
-    (tmp_path / 'checkpoints').mkdir()
-    torch.save(tv.state_dict(), tmp_path / 'checkpoints' / 'resnet18-f37072fd.pth')
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):   # what torch.hub does online, without the network
+        fetched.append(url)
+        torch.save(tv.state_dict(), dst)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', download)
     m = tiny(weights='imagenet', audio_weights='imagenet', audio_channels=1)
+    assert fetched == ['https://download.pytorch.org/models/resnet18-f37072fd.pth']   # once for both trunks
     torch.testing.assert_close(m.backbone.conv1.weight, tv.conv1.weight)
     assert m.audio.net.conv1.weight.shape == (64, 1, 7, 7)   # re-initialised for the one log-mel plane
-    torch.testing.assert_close(m.audio.net.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+    _offline(monkeypatch)
+    m = tiny(weights='imagenet')                              # cached: no network needed
+    torch.testing.assert_close(m.backbone.layer4[1].conv2.weight, tv.layer4[1].conv2.weight)
+
+
+def test_vggish_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    _offline(monkeypatch)
+    with pytest.raises(FileNotFoundError, match=r"audio_weights='vggish': vggish-10086976\.pth is not in .*hub"):
+        VGGish(weights='vggish')
+    (tmp_path / 'hub' / 'checkpoints').mkdir(parents=True, exist_ok=True)
+    sd = _random_torchvggish(3)
+    torch.save(sd, tmp_path / 'hub' / 'checkpoints' / 'vggish-10086976.pth')
+    torch.testing.assert_close(VGGish(weights='vggish').embeddings[4].weight, sd['embeddings.4.weight'])
+
+
+def test_auto_weights_by_source():
+    def auto(source, *argv):
+        a = train.get_args(['--preset', 'paper', *argv])
+        train.resolve_weights(a, source)
+        return a.weights, a.audio_weights
+    assert auto('builtin') == ('none', 'none')                        # generated shapes: random init
+    assert auto('vpo') == auto('official') == ('imagenet', 'imagenet')
+    assert auto('vpo', '--backbone', 'resnet10', '--audio-backbone', 'resnet10') == ('none', 'none')
+    assert auto('avsbench', '--data', 's4') == ('imagenet', 'vggish')
+    assert auto('vpo', '--weights', 'none', '--audio-weights', 'x.pth') == ('none', 'x.pth')   # given: kept
+
+
+def test_cli_imagenet_weights_offline_is_one_line(tiny_root, tmp_path):
+    """Through train.py, with an empty TORCH_HOME and no way out (a proxy that refuses): exit 2, one line."""
+    env = {**os.environ, 'TORCH_HOME': str(tmp_path / 'th'), 'https_proxy': 'http://127.0.0.1:9',
+           'HTTPS_PROXY': 'http://127.0.0.1:9', 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--root', tiny_root, '--out', str(tmp_path),
+                        *TINY, '--backbone', 'resnet18', '--weights', 'imagenet'], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count('\n') == 1 and r.stderr.startswith("error: weights='imagenet' (resnet18): resnet18-f37072fd.pth")
+    assert 'offline, fetch https://download.pytorch.org/models/resnet18-f37072fd.pth elsewhere' in r.stderr
 
 
 def test_resnet10_is_resnet18_with_one_block_per_stage(tmp_path):
@@ -3417,7 +3476,7 @@ def test_e2e_avsbench_trains_and_evaluates(s4_root, avss_root, tmp_path):
                               ('avss', avss_root, ['--batch-size', '4'])):
         m = train.main(['--data', name, '--root', root, '--out', str(tmp_path), '--name', name, '--crop', '32',
                         *batch, '--workers', '0', '--max-steps', '1', '--epochs', '1', '--vis', '1',
-                        '--resize', '32', '--dim', '76', '--weights', 'none'])
+                        '--resize', '32', '--dim', '76', '--weights', 'none', '--audio-weights', 'none'])
         assert m['args']['audio_backbone'] == 'vggish' and m['args']['mono']
         iou = [v for v in m['per_class']['iou'] if v is not None]
         assert m['miou'] == pytest.approx(sum(iou) / len(iou)) and len(m['per_class']['iou']) == len(m['classes'])

@@ -102,13 +102,13 @@ def get_parser():
     p.add_argument('--attn', default='sigmoid', choices=['sigmoid', 'softmax', 'minmax', 'channel', 'tpavi'],
                    help='f_CA activation / variant (Sec. 4.1, Fig. 6, Table 5)')
     p.add_argument('--heads', type=int, default=4, help='attention heads of f_CA')
-    p.add_argument('--weights', default='auto', help="image backbone init: 'imagenet' (local torch hub cache), a "
-                   "checkpoint path, 'none'; auto = imagenet on real data, none on the built-in source")
+    p.add_argument('--weights', default='auto', help="image backbone init: 'imagenet' (torchvision's, fetched once "
+                   "into the hub cache), a path, 'none'; auto = imagenet on real data, none on the built-in source")
     p.add_argument('--audio-backbone', default=None, choices=AUDIO_BACKBONES,
                    help='audio branch: resnet18 (VPO), vggish (AVSBench), resnet10 (lighter); default by --data')
-    p.add_argument('--audio-weights', default='auto', help="audio backbone init: 'imagenet' (torchvision's ResNet-18 "
-                   "with conv1 re-initialised, as official), a checkpoint path (the torchvggish file for vggish), "
-                   "'none'; auto = imagenet for resnet18 on real data, else none")
+    p.add_argument('--audio-weights', default='auto', help="audio init: 'imagenet' (ResNet-18, conv1 re-initialised, "
+                   "as official), 'vggish' (torchvggish's), both fetched once into the hub cache; a path; 'none'; auto"
+                   " = imagenet for resnet18 on real data, vggish for vggish, else none")
     p.add_argument('--freeze-audio', action='store_true', help='do not train the audio branch (AVSBench: VGGish)')
     # loss (Sec. 4.2)
     p.add_argument('--contrast', default='cavp', choices=['none', 'supcon', 'cavp'], help='contrastive term (Table 5)')
@@ -456,6 +456,17 @@ def build_splits(args, progress):
                     for split in ('train', 'val', 'test')]
 
 
+def resolve_weights(args, source):
+    """--weights / --audio-weights 'auto', decided from the source kind (data.resolve_root), in place. ImageNet
+    features do not transfer to the built-in source's generated shapes, and torchvision has no ImageNet resnet10:
+    random init there; on real data torchvision's ImageNet trunks and torchvggish's VGGish (model.hub_file)."""
+    if args.weights == 'auto':
+        args.weights = 'none' if source == 'builtin' or args.backbone in NO_IMAGENET else 'imagenet'
+    if args.audio_weights == 'auto':
+        args.audio_weights = 'vggish' if args.audio_backbone == 'vggish' else \
+            'imagenet' if source not in ('builtin', 'avsbench') and args.audio_backbone == 'resnet18' else 'none'
+
+
 def make_data(args, env):
     """The three splits and the training loader. Rank 0 builds them first, so that everything derived on disk (the
     built-in source, the official release's remapped masks) is written once; the other ranks then only read it."""
@@ -466,12 +477,7 @@ def make_data(args, env):
         dist.barrier()
     if not env.master:
         source, splits = build_splits(args, progress=False)
-    # ImageNet features do not transfer to the generated shapes; torchvision has no ImageNet resnet10
-    if args.weights == 'auto':
-        args.weights = 'none' if source == 'builtin' or args.backbone in NO_IMAGENET else 'imagenet'
-    if args.audio_weights == 'auto':
-        args.audio_weights = 'imagenet' if source not in ('builtin', 'avsbench') and \
-            args.audio_backbone == 'resnet18' else 'none'
+    resolve_weights(args, source)
     for ds, split in zip(splits, ('train', 'val', 'test')):
         if args.limit:
             ds.rows = ds.rows[:args.limit]
