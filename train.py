@@ -1,7 +1,7 @@
 """Train CAVP (Sec. 4) on VPO (Sec. 3): cross-entropy + the CAVP contrastive term (Eq. 5).
 
     python train.py --data vpo_ss                          # built-in source, CPU preset, 5-10 min on 2 cores
-    torchrun --nproc_per_node 8 train.py --data vpo_msmi --root /data/vpo
+    torchrun --nproc_per_node 2 train.py --data vpo_msmi --root /data/vpo   # global batch 16: 8 per GPU, as official
     python train.py --data vpo_ss --resume runs/vpo_ss/last.pt
     python train.py --data vpo_ss --benchmark 20           # images/s, ms/step, CAVP vs --contrast none
 
