@@ -12,6 +12,8 @@ confusion matrix and running sums are kept, so memory does not grow with the dat
 train.py validates with confusion_matrix / semantic_scores, tests with evaluate() and prints format_table().
 """
 import argparse
+import fcntl
+import itertools
 import json
 import os
 import pickle
@@ -501,7 +503,104 @@ def save_picture(path, image, label, pred, attn_map, audio_preds, classes):
         rows.append([_panel(pal[p[0].cpu().numpy()], f'audio {a}: {_names(p[0].cpu(), classes)}', True)
                      for a, p in audio_preds])
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    _grid(rows).save(path)
+    save_image(_grid(rows), path)
+
+# -----------------------------------------------------------------------------------------------
+# output folders and files: one writer per folder, every file whole or not at all
+
+
+LOCK = '.lock'   # in each output folder: held (flock) by the process that writes there, and holds its pid
+
+
+def write_whole(path, write):
+    """write(tmp) makes the file under a temporary name of this process's own, then one rename puts it at path: a
+    reader (--summary over runs still going, a picture viewer) sees the previous file or the new one, never a part;
+    a process killed mid-write leaves at most its temporary, never half a file at path."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    write_whole(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def save_image(image, path):
+    """A PIL image written whole (write_whole), in the format its extension names."""
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if fmt is None:   # the temporary name has no extension to tell Pillow the format: say it here
+        raise ValueError(f'{path}: unknown picture extension (use .png or .jpg)')
+    write_whole(path, lambda tmp: image.save(tmp, format=fmt))
+
+
+def _lock(folder):
+    """An open descriptor of folder/LOCK with an exclusive flock on it, or None when another process holds it. The
+    lock lasts until the descriptor is closed or the process ends in any way (the operating system drops it, so a
+    kill -9 leaves nothing stale to remove by hand). The file itself stays: a process that opened it just before
+    an unlink could lock the old file while another locks a new one."""
+    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    return fd
+
+
+def hold_folder(folder, flag):
+    """Lock an existing output folder for this process (_lock) or raise one line naming `flag`, the folder and the
+    live process that writes there: a folder has one writer. Returns the descriptor (os.close releases it)."""
+    fd = _lock(folder)
+    if fd is None:
+        try:
+            with open(os.path.join(folder, LOCK)) as f:
+                pid = f.read().strip()
+        except OSError:
+            pid = ''
+        raise ValueError(f'{flag}: {folder} is in use by the live process {pid or "that holds its " + LOCK}: a '
+                         f'folder has one writer; wait until that process ends (its lock ends with it)')
+    return fd
+
+
+def _unused(folder):
+    return os.path.isdir(folder) and set(os.listdir(folder)) <= {LOCK}
+
+
+def claim_folder(base):
+    """A folder of this process's own: base, else the first of base-2, base-3, ... that holds no output yet, made
+    and locked (_lock) before anything is written. os.mkdir is atomic: of processes making one path at the same
+    moment exactly one succeeds, and the others go on to the next name. A folder that exists but is empty (or
+    holds only the lock of a process that died before writing) is taken by whoever locks it first, and a process
+    whose mkdir succeeded but lost that race moves on. Returns (path, lock descriptor)."""
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else f'{base}-{n}'
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not _unused(path):
+                continue
+        try:
+            fd = _lock(path)
+        except FileNotFoundError:   # an empty folder removed meanwhile: try the next name
+            continue
+        if fd is not None and _unused(path):
+            return path, fd
+        if fd is not None:
+            os.close(fd)
 
 # -----------------------------------------------------------------------------------------------
 # checkpoints: tensors and plain Python values only, read without running code
@@ -770,7 +869,7 @@ def predict(model, args, image_path, clip_paths, *, device, alpha=0.5, out='pred
     preds = logits.argmax(1)                                                        # k + 1, H, W
     names = [os.path.basename(p) for p in clip_paths] + ['silence']
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    prediction_picture(inp['rgb'], names, preds, attn.float().cpu(), classes).save(out)
+    save_image(prediction_picture(inp['rgb'], names, preds, attn.float().cpu(), classes), out)
     return [f'{path}: {describe(p, classes)}' for path, p in zip([*clip_paths, 'silence'], preds)]
 
 # -----------------------------------------------------------------------------------------------
@@ -797,8 +896,8 @@ def get_args(argv=None):
     p.add_argument('--no-probes', action='store_true', help='skip the counterfactual / hallucination / stereo probes')
     p.add_argument('--vis', type=int, default=0, help='write PNGs for the first N samples')
     p.add_argument('--max-samples', type=int, default=None, help='evaluate only the first N samples (smoke tests)')
-    p.add_argument('--out', default=None, help='evaluation: output folder (default <ckpt folder>/eval_<data>_<split>); '
-                   'with --image: the picture (default prediction.png)')
+    p.add_argument('--out', default=None, help='evaluation: output folder (default <ckpt folder>/eval_<data>_<split>, '
+                   'or -2, -3, ... when that holds an evaluation); with --image: the picture (default prediction.png)')
     # runs over seeds
     bookkeeping = ', '.join('--' + k.replace('_', '-') for k in NOT_A_SETTING)
     p.add_argument('--summary', nargs='+', default=None, metavar='RUN',
@@ -830,17 +929,21 @@ def run_evaluation(a):
     if ds.num_classes != cargs['num_classes']:
         raise ValueError(f"--ckpt {a.ckpt} has {cargs['num_classes']} classes, the {cargs['data']} "
                          f'dataset {ds.num_classes}')
-    out = a.out or os.path.join(os.path.dirname(a.ckpt), f"eval_{cargs['data']}_{a.split}")
-    os.makedirs(out, exist_ok=True)
-    m = evaluate(model, ds, a.device, amp_dtype=AMP[a.amp], probes=not a.no_probes, vis=a.vis,
-                 vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples)
-    m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'],
-             test_scale=getattr(ds, 'test_scale', 1.0))
-    table = format_table(m, ds.classes)
-    with open(os.path.join(out, 'metrics.json'), 'w') as f:
-        json.dump(m, f, indent=1)
-    with open(os.path.join(out, 'per_class.md'), 'w') as f:
-        f.write(f"{cargs['data']} {a.split}, {a.ckpt} (in %)\n\n{table}\n")
+    if a.out:   # the folder asked for, unless another process writes there
+        os.makedirs(a.out, exist_ok=True)
+        out, lock = a.out, hold_folder(a.out, '--out')
+    else:   # a new folder, as train.py makes runs: two evaluations at once never share one
+        out, lock = claim_folder(os.path.join(os.path.dirname(a.ckpt), f"eval_{cargs['data']}_{a.split}"))
+    try:
+        m = evaluate(model, ds, a.device, amp_dtype=AMP[a.amp], probes=not a.no_probes, vis=a.vis,
+                     vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples)
+        m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'],
+                 test_scale=getattr(ds, 'test_scale', 1.0))
+        table = format_table(m, ds.classes)
+        write_json(os.path.join(out, 'metrics.json'), m)
+        write_text(os.path.join(out, 'per_class.md'), f"{cargs['data']} {a.split}, {a.ckpt} (in %)\n\n{table}\n")
+    finally:
+        os.close(lock)
     print(table)
     print(summary(m))
     print(f'wrote {out}/metrics.json, per_class.md' + (f', vis/ ({a.vis} PNGs)' if a.vis else ''))

@@ -19,8 +19,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -2241,9 +2243,18 @@ def test_e2e_torchrun_two_processes_on_cpu_and_resume(tiny_root, tmp_path):
                                    '--limit', '16'],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert 'cpu x2' in first.stdout
+    assert 'cpu x2' in first.stdout and first.stdout.count('run folder: ') == 1
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith('ddp')) == ['ddp']   # rank 1 took rank 0's folder
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pt', weights_only=True)
     assert ckpt['epoch'] == 1 and ckpt['step'] == 2   # --max-steps 2 of 4 images per process
+    held = ev.hold_folder(str(tmp_path / 'ddp'), 'test')   # a live writer: rank 0 refuses and every rank stops
+    try:
+        refused = subprocess.run(base + ['--resume', str(tmp_path / 'ddp' / 'last.pt'), '--epochs', '2'],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.close(held)
+    assert refused.returncode != 0 and f'is in use by the live process {os.getpid()}' in refused.stderr
+    assert 'cavp |' not in refused.stdout
     second = subprocess.run(base + ['--resume', str(tmp_path / 'ddp' / 'last.pt'), '--epochs', '2'],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -2356,6 +2367,74 @@ def test_e2e_a_second_run_never_overwrites_the_first(tiny_root, tmp_path):
     assert sorted(os.listdir(tmp_path / 'same-2')) == sorted(first)
     logs = [json.loads(line) for line in open(tmp_path / 'same' / 'log.jsonl')]
     assert [r['kind'] for r in logs].count('test') == 1
+
+
+def test_e2e_two_runs_started_together_with_one_name_get_two_folders(tiny_root, tmp_path):
+    """Two train.py processes started at the same moment with one --name (a script, a job array): each claims a
+    folder of its own and writes there only its own seed's checkpoints, log and metrics."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), '--data', 'vpo_ss', '--root',
+                               tiny_root, '--out', str(tmp_path), *TINY, '--epochs', '1', '--max-steps', '1',
+                               '--name', 'same', '--no-probes', '--seed', str(seed)],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    folders = sorted(d for d in os.listdir(tmp_path) if d.startswith('same'))
+    assert folders == ['same', 'same-2']
+    printed = [line.split(': ', 1)[1] for out, _ in outs for line in out.splitlines() if line.startswith('run folder')]
+    assert sorted(printed) == [str(tmp_path / f) for f in folders]
+    seeds = []
+    for f in folders:
+        m = json.load(open(tmp_path / f / 'metrics.json'))
+        seeds.append(m['args']['seed'])
+        assert torch.load(tmp_path / f / 'last.pt', weights_only=True)['args']['seed'] == seeds[-1]
+        assert torch.load(tmp_path / f / 'best.pt', weights_only=True)['args']['seed'] == seeds[-1]
+        kinds = [json.loads(line)['kind'] for line in open(tmp_path / f / 'log.jsonl')]
+        assert kinds.count('val') == 1 and kinds.count('test') == 1   # one run's log, not two interleaved
+    assert sorted(seeds) == [0, 1]
+
+
+def test_e2e_resume_of_a_live_run_is_refused_until_its_trainer_is_killed(tiny_root, tmp_path):
+    """A run folder has one writer: --resume of a run whose trainer is alive (here paused) exits 2 with one line
+    naming the folder and the process, before any work, and --test-only writes a new folder; once that trainer is
+    killed with SIGKILL (nothing cleans up), the same --resume continues at once in the same folder."""
+    env, script = {**os.environ, 'OMP_NUM_THREADS': '1'}, [sys.executable, os.path.join(HERE, 'train.py')]
+    live = subprocess.Popen(script + ['--data', 'vpo_ss', '--root', tiny_root, '--out', str(tmp_path), *TINY,
+                                      '--name', 'live', '--epochs', '1000', '--max-steps', '1', '--eval-every', '1000',
+                                      '--no-probes'], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / 'live' / 'last.pt'
+    try:
+        deadline = time.time() + 180
+        while not last.exists():
+            assert live.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        os.kill(live.pid, signal.SIGSTOP)   # alive and holding its folder, without using the CPU
+        refused = subprocess.run(script + ['--resume', str(last)], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=120)
+        tested = subprocess.run(script + ['--resume', str(last), '--test-only'], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)   # writes a folder of its own
+        os.kill(live.pid, signal.SIGKILL)
+        assert live.wait(60) == -signal.SIGKILL
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-2000:]
+    assert refused.stderr.startswith(f'error: --resume {last}: {tmp_path / "live"} is in use by the live process '
+                                     f'{live.pid}')
+    assert 'cavp |' not in refused.stdout   # stopped before building data or model
+    assert tested.returncode == 0 and f'run folder: {tmp_path / "live-2"}' in tested.stdout, tested.stderr[-2000:]
+    assert not (tmp_path / 'live' / 'metrics.json').exists()
+    epoch = torch.load(last, weights_only=True)['epoch']
+    resumed = subprocess.run(script + ['--resume', str(last), '--epochs', str(epoch + 1)], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f'run folder: {tmp_path / "live"}' in resumed.stdout
+    assert torch.load(last, weights_only=True)['epoch'] == epoch + 1
+    assert json.load(open(tmp_path / 'live' / 'metrics.json'))['args']['epochs'] == epoch + 1
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith('live')) == ['live', 'live-2']
 
 
 def test_an_empty_val_split_fails_before_training(tiny_root, tmp_path):
@@ -2775,6 +2854,72 @@ def test_a_sample_that_fails_is_named_in_one_line():
         ev.evaluate(SplitFakeModel(), ds, 'cpu', progress=False)
 
 
+def _claim_at_once(base, barrier):
+    """Child process: claim `base` at the same moment as the others and write its pid into the folder it got."""
+    barrier.wait()
+    path, _ = ev.claim_folder(base)
+    with open(os.path.join(path, 'pid'), 'w') as f:
+        f.write(str(os.getpid()))
+
+
+def test_folders_claimed_at_the_same_moment_are_distinct(tmp_path):
+    ctx = multiprocessing.get_context('fork')
+    barrier, base = ctx.Barrier(6), str(tmp_path / 'runs' / 'same')
+    procs = [ctx.Process(target=_claim_at_once, args=(base, barrier)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 6
+    folders = sorted(os.listdir(tmp_path / 'runs'))
+    assert folders == sorted(['same'] + [f'same-{n}' for n in range(2, 7)])
+    assert sorted(int((tmp_path / 'runs' / f / 'pid').read_text()) for f in folders) == sorted(p.pid for p in procs)
+
+
+def test_a_folder_has_one_writer_and_is_free_when_it_ends(tmp_path):
+    base = str(tmp_path / 'run')
+    path, lock = ev.claim_folder(base)
+    assert path == base and (tmp_path / 'run' / '.lock').read_text() == f'{os.getpid()}\n'
+    with pytest.raises(ValueError) as e:
+        ev.hold_folder(path, '--resume x.pt')   # a second writer, even in the same process
+    assert str(e.value).startswith(f'--resume x.pt: {base} is in use by the live process {os.getpid()}')
+    assert '\n' not in str(e.value)
+    second, lock2 = ev.claim_folder(base)   # held, though still empty: the next name
+    assert second == f'{base}-2'
+    os.close(lock)
+    third, lock = ev.claim_folder(base)   # its writer ended before writing: free again
+    assert third == base
+    (tmp_path / 'run' / 'log.jsonl').write_text('{}\n')
+    os.close(lock)
+    os.close(lock2)
+    path, lock = ev.claim_folder(base)   # `run` holds output now; `run-2` only a lock nobody holds
+    os.close(lock)
+    assert path == f'{base}-2'
+    (tmp_path / 'plain').mkdir()   # an empty folder is free, as it was before there were locks
+    path, lock = ev.claim_folder(str(tmp_path / 'plain'))
+    os.close(lock)
+    assert path == str(tmp_path / 'plain')
+
+
+def test_files_appear_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / 'metrics.json')
+    ev.write_json(path, {'miou': 0.5})
+
+    def broken(tmp):   # a write that fails half-way (a full disk, a kill)
+        with open(tmp, 'w') as f:
+            f.write('{"miou": 0.')
+        raise OSError('no space left on device')
+    with pytest.raises(OSError, match='no space'):
+        ev.write_whole(path, broken)
+    assert json.load(open(path)) == {'miou': 0.5} and os.listdir(tmp_path) == ['metrics.json']
+    ev.save_image(Image.new('RGB', (4, 3)), str(tmp_path / 'a.png'))
+    with Image.open(tmp_path / 'a.png') as im:
+        assert im.format == 'PNG' and im.size == (4, 3)
+    with pytest.raises(ValueError, match=r'a\.xyz: unknown picture extension'):
+        ev.save_image(Image.new('RGB', (4, 3)), str(tmp_path / 'a.xyz'))
+    assert sorted(os.listdir(tmp_path)) == ['a.png', 'metrics.json']
+
+
 def test_vis_writes_pngs(tmp_path):
     ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', vis=2, vis_dir=str(tmp_path), progress=False)
     files = sorted(os.listdir(tmp_path))
@@ -2886,6 +3031,32 @@ def test_load_checkpoint_real_cavp_round_trip(small_ckpt):
     with torch.no_grad():
         want, got = net(x, a), loaded(x, a)
     assert torch.equal(want['logits'], got['logits']) and torch.equal(want['attn'], got['attn'])
+
+def test_evaluate_claims_its_default_folder_and_refuses_a_held_out(small_ckpt, tiny_root, tmp_path, capsys):
+    """evaluate.py --ckpt makes a new folder per evaluation, as train.py does (two at once never share one), and
+    --out into a folder another process writes is refused in one line."""
+    ckpt = tmp_path / 'run' / 'best.pt'
+    ckpt.parent.mkdir()
+    shutil.copy(small_ckpt[0], ckpt)
+    args = ['--ckpt', str(ckpt), '--root', tiny_root, '--max-samples', '1', '--no-probes', '--vis', '1',
+            '--device', 'cpu']
+    ev.main(args)
+    ev.main(args)
+    first, second = tmp_path / 'run' / 'eval_vpo_ss_test', tmp_path / 'run' / 'eval_vpo_ss_test-2'
+    for d in (first, second):
+        assert sorted(os.listdir(d)) == ['.lock', 'metrics.json', 'per_class.md', 'vis']
+        assert os.listdir(d / 'vis') == ['00000.png']
+    assert json.load(open(first / 'metrics.json')) == json.load(open(second / 'metrics.json'))
+    capsys.readouterr()
+    held = ev.hold_folder(str(first), 'test')
+    try:
+        with pytest.raises(SystemExit) as e:
+            ev.main(args + ['--out', str(first)])
+    finally:
+        os.close(held)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1
+    assert err.startswith(f'error: --out: {first} is in use by the live process {os.getpid()}')
 
 # -----------------------------------------------------------------------------------------------
 # --summary

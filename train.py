@@ -7,10 +7,11 @@
 
 Device, precision and distribution are decided once at the top of main(); after that one code path runs on a
 laptop CPU and on N GPUs alike. The training step of Sec. 4.2 is `train_step`, read it beside the paper.
-A run never overwrites another: a second run under the same --name goes to <name>-2 (then -3, ...);
---resume continues in the checkpoint's own folder.
+A run never overwrites another: a second run under the same --name goes to <name>-2 (then -3, ...), also when
+both start at once; --resume continues in the checkpoint's own folder, unless a live process still writes there.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -431,16 +432,36 @@ def setup(args):
                                  master=master, say=print if master else (lambda *a, **k: None))
 
 
-def run_folder(args):
-    """Where this run writes: the checkpoint's folder for --resume (the run continues there), else --out/--name,
-    or the first free <name>-2, -3, ... when that already holds a run: nothing is ever overwritten."""
-    if args.resume and not args.test_only:
-        return os.path.dirname(os.path.abspath(args.resume))
-    base = os.path.join(args.out, args.name or args.data)
-    path, n = base, 1
-    while os.path.isdir(path) and os.listdir(path):
-        n += 1
-        path = f'{base}-{n}'
+def continues(args):
+    """Whether this run writes into the checkpoint's folder: --resume does (--test-only and --benchmark do not)."""
+    return bool(args.resume) and not args.test_only and not args.benchmark
+
+
+def run_folder(args, env, held):
+    """Where this run writes, with its one writer: rank 0 holds the folder's lock (evaluate.claim_folder /
+    hold_folder) until main ends, entered into `held`. --resume continues in the checkpoint's own folder and stops
+    with one line when a live process still holds it; otherwise a new folder is claimed: --out/--name, or the first
+    free <name>-2, -3, ... (runs started at once with one --name get distinct folders). Under torchrun rank 0
+    chooses and sends its choice, or its error, to the others."""
+    path = error = None
+    if env.master:
+        try:
+            if continues(args):
+                path = os.path.dirname(os.path.abspath(args.resume))
+                lock = evaluate.hold_folder(path, f'--resume {args.resume}')
+            else:
+                path, lock = evaluate.claim_folder(os.path.join(args.out, args.name or args.data))
+            held.callback(os.close, lock)
+        except (OSError, ValueError) as e:
+            if not env.ddp:
+                raise
+            error = str(e)
+    if env.ddp:   # every rank writes where rank 0 chose, or stops with rank 0's error
+        box = [path, error]
+        dist.broadcast_object_list(box, src=0)
+        path, error = box
+        if error:
+            raise ValueError(error)
     return path
 
 
@@ -597,11 +618,17 @@ def train_one_epoch(epoch, net, model, loader, opt, scaler, bank, state, args, e
 
 
 def main(argv=None):
-    args = get_args(argv)
+    """Train, validate and test one run (--test-only: test; --benchmark: time steps). Returns the test metrics."""
+    with contextlib.ExitStack() as held:   # the run folder's lock, let go when main returns or raises
+        return run_main(get_args(argv), held)
+
+
+def run_main(args, held):
     ckpt = vars(args).pop('ckpt')
-    # 1. device, precision, distribution
+    # 1. device, precision, distribution; a --resume of a run whose trainer is alive stops here, before any work
     env = setup(args)
-    say, run_dir = env.say, run_folder(args)
+    say = env.say
+    run_dir = run_folder(args, env, held) if continues(args) else None
     # 2. data
     (train_set, val_set, test_set), sampler, loader = make_data(args, env)
     steps = min(args.max_steps or len(loader), len(loader))
@@ -622,9 +649,8 @@ def main(argv=None):
     say('args: ' + json.dumps(vars(args), sort_keys=True))
     if args.benchmark:
         return benchmark(net, model, sampler, loader, opt, scaler, bank, args, env)
-    if env.master:
-        os.makedirs(run_dir, exist_ok=True)
-        say(f'run folder: {run_dir}')
+    run_dir = run_dir or run_folder(args, env, held)   # claimed now: a run that fails before writes no folder
+    say(f'run folder: {run_dir}')
     log = open(os.path.join(run_dir, 'log.jsonl'), 'a') if env.master else None
     record = (lambda **kv: (log.write(json.dumps(kv) + '\n'), log.flush())) if log else (lambda **kv: None)
 
@@ -703,16 +729,13 @@ def test(model, test_set, args, env, run_dir, state, record):
     writes metrics.json and prints the table."""
     path = args.resume if args.test_only else os.path.join(run_dir, 'best.pt')
     model.load_state_dict(evaluate.read_checkpoint(path, flag='--resume' if args.test_only else 'best.pt')['model'])
-    if env.master:
-        os.makedirs(run_dir, exist_ok=True)
     metrics = evaluate.evaluate(model, test_set, env.device, amp_dtype=env.amp_dtype, probes=not args.no_probes,
                                 vis=args.vis, vis_dir=os.path.join(run_dir, 'vis'), progress=env.master,
                                 rank=env.rank, world=env.world)
     metrics.update(best_epoch=state['best_epoch'], val_miou=state['best'], checkpoint=path, args=vars(args))
     if not env.master:
         return metrics
-    with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
-        json.dump(metrics, f, indent=1)
+    evaluate.write_json(os.path.join(run_dir, 'metrics.json'), metrics)
     env.say(evaluate.format_table(metrics, test_set.classes))
     env.say(f'results -> {os.path.join(run_dir, "metrics.json")}')
     record(kind='test', **{k: metrics[k] for k in ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence',
