@@ -1,15 +1,17 @@
 """Evaluation: the paper's dataset-level metrics, AVSBench-style per-image J and F, audio probes that
 turn the paper's qualitative figures into numbers, pictures (Sec. 5.1, Tables 3-4, 8-11, Figs. 1, 7,
-10-14, App. C), a table of runs over seeds, and a prediction for your own image and sound.
+10-14, App. C), a table of runs over seeds, and a prediction for your own image and sound. On AVSBench,
+--protocol avsbench adds AVSBench's own test numbers of the same predictions (Table 1; AVSBenchScores).
 
     python evaluate.py --ckpt runs/<name>/best.pt [--data vpo_ss] [--root DIR] [--vis 8]
+    python evaluate.py --ckpt runs/s4/best.pt --mono --protocol avsbench [--test-batch 4]   # + AVSBench's own
     python evaluate.py --summary runs/a_s0 runs/a_s1 runs/b_s0 ...      # mean +- std per setting
     python evaluate.py --ckpt runs/<name>/best.pt --image photo.jpg --audio dog.wav car.flac [--alpha 0.2]
 
 Evaluation streams over the test split one image at a time (batch 1, App. B.1; the image at the dataset's
 test_scale, 1 = original resolution, the labels and so the metrics always at original resolution): only a
 confusion matrix and running sums are kept, so memory does not grow with the dataset.
-train.py validates with confusion_matrix / semantic_scores, tests with evaluate() and prints format_table().
+train.py validates with confusion_matrix / semantic_scores, tests with evaluate() and prints report().
 """
 import argparse
 import fcntl
@@ -110,27 +112,37 @@ def mask_iou(pred, gt, valid=None):
 def f_score(prob, gt, beta2=0.3, valid=None, num_thresholds=255):
     """AVSBench-style F-measure of binary foreground, one value per image: (B, H, W) -> (B,). For each
     image, foreground = prob >= t at 255 thresholds t = linspace(0, 1 - 1e-10); F_t = (1 + beta2) P R /
-    (beta2 P + R) (0 where P = R = 0), and the image scores max_t F_t of its OWN curve. AVSBench instead
-    takes the max of the curve averaged over a test batch, so its F depends on the batch size; the mean
-    of these per-image values does not. Images with no foreground in gt are NaN (AVSBench skips them
-    too), as are images with no valid pixel. prob: foreground probability in [0, 1]."""
+    (beta2 P + R) (0 where P = R = 0), and the image scores max_t F_t of its OWN curve (f_curve). AVSBench
+    instead takes the max of the curve averaged over a test batch, so its F depends on the batch size
+    (batch_scores, --protocol avsbench); the mean of these per-image values does not. Images with no
+    foreground in gt are NaN (AVSBench skips them too), as are images with no valid pixel. prob: foreground
+    probability in [0, 1]."""
+    th = torch.linspace(0, 1 - 1e-10, num_thresholds, dtype=torch.float64, device=prob.device)
+    f = f_curve(prob, gt, th, beta2=beta2, valid=valid).amax(1)                   # B
+    n_gt = (gt.bool() if valid is None else gt.bool() & valid.bool()).flatten(1).sum(1)
+    return torch.where(n_gt > 0, f, torch.full_like(f, float('nan')))
+
+
+def f_curve(prob, gt, thresholds, beta2=0.3, valid=None):
+    """F_beta of foreground = prob >= t at each of the sorted thresholds t, per image: (B, H, W) -> (B, K), float64;
+    P = TP / #predicted, R = TP / #gt, each 0 where its denominator is 0, and F_t = 0 where P = R = 0. Only
+    valid pixels count (default all)."""
     gt = gt.bool()
     valid = torch.ones_like(gt) if valid is None else valid.bool()
-    B = prob.shape[0]
-    th = torch.linspace(0, 1 - 1e-10, num_thresholds, dtype=torch.float64, device=prob.device)
+    B, K = prob.shape[0], len(thresholds)
+    th = thresholds.to(prob.device, torch.float64)
     # bin k + 1 holds probs in [th[k], th[k+1]); "prob >= th[k]" counts bins k + 1 .. K (suffix sums)
     bins = torch.bucketize(prob.double().flatten(1), th, right=True)   # B, HW in 0..K
-    offset = (torch.arange(B, device=prob.device) * (num_thresholds + 1))[:, None]
+    offset = (torch.arange(B, device=prob.device) * (K + 1))[:, None]
     v, g = valid.flatten(1), gt.flatten(1) & valid.flatten(1)
-    size = B * (num_thresholds + 1)
+    size = B * (K + 1)
     all_hist = torch.bincount((bins + offset)[v], minlength=size).view(B, -1)   # B, K + 1
     fg_hist = torch.bincount((bins + offset)[g], minlength=size).view(B, -1)
     n_pred = all_hist.flip(1).cumsum(1).flip(1)[:, 1:].double()       # B, K: #(prob >= th[k])
     tp = fg_hist.flip(1).cumsum(1).flip(1)[:, 1:].double()
     n_gt = g.sum(1, keepdim=True).double()
     p, r = _div(tp, n_pred), _div(tp, n_gt.expand_as(tp))
-    f = _div((1 + beta2) * p * r, beta2 * p + r).amax(1)               # B
-    return torch.where(n_gt[:, 0] > 0, f, torch.full_like(f, float('nan')))
+    return _div((1 + beta2) * p * r, beta2 * p + r)                    # B, K
 
 
 def format_table(metrics, classes):
@@ -158,11 +170,14 @@ def probe_counts(m):
 
 
 def summary(m):
-    """One line with the headline numbers (in %), None shown as '-'."""
+    """One line with the headline numbers (in %), None shown as '-'; with AVSBench's numbers (--protocol avsbench)
+    each line names its protocol."""
     fmt = lambda k: '-' if m.get(k) is None else f'{100 * m[k]:.2f}'
     keys = ('miou', 'fbeta', 'fdr', 'J', 'F', 'cf_miou', 'halluc_silence', 'halluc_noise', 'stereo_acc',
             'stereo_swap_acc')
-    return f"n={m['n']} " + ' '.join(f'{k}={fmt(k)}' for k in keys)
+    line = f"n={m['n']} " + ' '.join(f'{k}={fmt(k)}' for k in keys)
+    a = m.get('avsbench')
+    return line if a is None else f"cavp: {line}\navsbench: J={100 * a['J']:.2f} F={100 * a['F']:.2f}"
 
 # -----------------------------------------------------------------------------------------------
 # probes: which audio replaces the original, and which instance a stereo swap should move to
@@ -254,6 +269,169 @@ class SplitMetrics:
 
     def per_image(self):
         return dict(J=self.j_sum / self.j_n if self.j_n else None, F=self.f_sum / self.f_n if self.f_n else None)
+
+
+# -----------------------------------------------------------------------------------------------
+# --protocol avsbench: AVSBench's own test numbers from the same predictions (the paper's Table 1)
+
+PROTOCOLS = ('cavp', 'avsbench')
+PROTOCOL_HELP = ("cavp: ours, the paper's Tables 2-4 (default); avsbench: also AVSBench's own test numbers "
+                 "(its test.py, the paper's Table 1; --data s4, ms3, avss), under 'avsbench' in metrics.json")
+AVSBENCH_TEST_BATCH = 4   # videos per test batch: --test_batch_size 4 in AVSBench's avs_s4 / avs_ms3 test.sh
+TEST_BATCH_HELP = (f'--protocol avsbench, S4 / MS3: videos per test batch, which its F depends on '
+                   f'(default {AVSBENCH_TEST_BATCH} = 20 frames, as AVSBench\'s test.sh)')
+# AVSBench's `_eval_pr` thresholds: float32, so 1 - 1e-10 rounds to 1 and a probability of 1 still counts
+AVSBENCH_THRESHOLDS = torch.linspace(0, 1 - 1e-10, 255, dtype=torch.float32)
+AVSS_CLIP = 10   # AVSBench's avss loader pads every clip to 10 frames
+
+
+def resolve_test_batch(protocol, test_batch, data_name):
+    """The videos per test batch that `protocol` uses on --data data_name (None for cavp); bad combinations
+    raise ValueError naming the flag."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f'--protocol {protocol}: expected one of {", ".join(PROTOCOLS)}')
+    if protocol == 'cavp':
+        if test_batch is not None:
+            raise ValueError(f'--test-batch {test_batch}: only with --protocol avsbench (the cavp metrics do not '
+                             'depend on batching)')
+        return None
+    if data_name not in data.AVSBENCH:
+        raise ValueError(f'--protocol avsbench: AVSBench\'s test is for --data {", ".join(data.AVSBENCH)}, '
+                         f'not {data_name}')
+    if test_batch is not None and test_batch < 1:
+        raise ValueError(f'--test-batch {test_batch}: expected >= 1 videos per test batch')
+    return AVSBENCH_TEST_BATCH if test_batch is None else test_batch
+
+
+def avsbench_frames(logits, label):
+    """AVSBench's per-frame scores of binary (S4 / MS3) predictions, as `avs_scripts/avs_s4/utility.py` computes
+    them from its one-logit model: logits (B, 2, H, W) float32, label (B, H, W), 1 = foreground. The logit is
+    l_fg - l_bg, whose sigmoid is the softmax's foreground probability. Returns (J (B,), has_fg (B,) bool,
+    curve (B, 255)):
+      J       Jaccard of sigmoid > 0.5; an empty ground truth scores the share of pixels predicted background
+              (its true-negative rule, `mask_iou`)
+      curve   F_beta (beta^2 = 0.3) at its 255 thresholds (AVSBENCH_THRESHOLDS, f_curve)
+    Every pixel is scored and a label other than 1 is background: the official masks have no ignore label."""
+    prob = torch.sigmoid(logits[:, 1].float() - logits[:, 0].float())               # B, H, W
+    gt = label == 1
+    return mask_iou(prob > 0.5, gt), gt.flatten(1).any(1), f_curve(prob, gt, AVSBENCH_THRESHOLDS)
+
+
+def video_batches(rows, n, videos):
+    """[(start, stop)] row ranges of AVSBench's test batches over rows[:n]: `videos` consecutive videos each, in
+    row order (the released CSV's, as its loader with shuffle=False); a video is a run of rows with the same
+    (subset, category, video)."""
+    key = lambda r: (r.get('subset'), r.get('category'), r.get('video'))
+    starts = [i for i in range(n) if i == 0 or key(rows[i]) != key(rows[i - 1])]
+    cuts = starts[::videos] + [n]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def batch_scores(j, has_fg, curves, batches):
+    """AVSBench's S4 / MS3 test numbers (`avs_scripts/avs_s4/test.py`) from per-frame J (n,), has_fg (n,) and
+    F-curves (n, K): per test batch, J_b = the mean J of its frames and F_b = the max over thresholds of the mean
+    curve of its frames with foreground (0 when it has none: the official score starts at zeros); J and F are the
+    means over the batches (J is then the mean over frames when every batch is full). Returns (J, F)."""
+    js, fs = [], []
+    for lo, hi in batches:
+        keep = has_fg[lo:hi]
+        js.append(j[lo:hi].mean().item())
+        fs.append(curves[lo:hi][keep].mean(0).max().item() if keep.any() else 0.0)
+    return sum(js) / len(js), sum(fs) / len(fs)
+
+
+def avss_frame(logits, label, beta2=0.3):
+    """AVSBench's per-class scores of one semantic frame (`avs_scripts/avss/utils/compute_color_metrics.py`):
+    logits (1, C, H, W), label (1, H, W). The prediction is the argmax of the softmax (as there: classes tied after
+    rounding go to the lower index). Per class c with P its predicted and G its labelled pixels: IoU = |P & G| /
+    |P | G|, F_beta from precision |P & G| / |P| and recall |P & G| / |G| (0 where undefined), seen = P | G not
+    empty. A 255 pixel (our ignore label) is no class's ground truth, but its prediction counts, as the official
+    histograms treat a label outside 0..C-1. Returns (iou, f, seen), each (C,)."""
+    C = logits.shape[1]
+    pred, label = logits.softmax(1).argmax(1).flatten(), label.flatten()
+    count = lambda x: torch.bincount(x, minlength=C).double().cpu()
+    inter, n_pred, n_gt = count(pred[pred == label]), count(pred), count(label[label < C])
+    union = n_pred + n_gt - inter
+    p, r = _div(inter, n_pred), _div(inter, n_gt)
+    return _div(inter, union), _div((1 + beta2) * p * r, beta2 * p + r), union > 0
+
+
+class AVSBenchScores:
+    """AVSBench's own test over rows[:n] of an AVSBenchDataset (--protocol avsbench), next to SplitMetrics.
+    S4 / MS3: a (n, 2 + 255) table of each frame's J, foreground flag and F-curve, batched at the end
+    (batch_scores). AVSS: per-class sums of IoU, F and the frames where the class is seen, each padded frame
+    of a 5-frame v1s / v1m clip counted as the official test counts it (pred = label = background: IoU = F = 1).
+    Every row is filled by one rank, so adding everything up over the ranks (sum_over_ranks) gathers the whole
+    split."""
+
+    def __init__(self, dataset, n, test_batch):
+        if getattr(dataset, 'subset', None) not in data.AVSBENCH or not hasattr(dataset, 'rows'):
+            raise ValueError(f'--protocol avsbench: AVSBench\'s test needs an AVSBench dataset '
+                             f'(--data {", ".join(data.AVSBENCH)})')
+        self.rows, self.n, self.test_batch = dataset.rows, n, test_batch
+        self.semantic = dataset.subset == 'avss'
+        C = dataset.num_classes
+        self.SUMS = ('iou_sum', 'f_sum', 'seen') if self.semantic else ('frames',)   # what sum_over_ranks adds up
+        self.iou_sum, self.f_sum = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+        self.seen = torch.zeros(C, dtype=torch.int64)
+        self.frames = torch.zeros(0 if self.semantic else n, 2 + len(AVSBENCH_THRESHOLDS), dtype=torch.float64)
+
+    def add(self, i, logits, label):
+        """Row i's logits (1, C, H, W) and label (1, H, W)."""
+        if self.semantic:
+            iou, f, seen = avss_frame(logits, label)
+            self.iou_sum, self.f_sum, self.seen = self.iou_sum + iou, self.f_sum + f, self.seen + seen.long()
+        else:
+            j, fg, curve = avsbench_frames(logits, label)
+            self.frames[i] = torch.cat([j.double(), fg.double(), curve[0]]).cpu()
+
+    def padded(self):
+        """Frames the official avss loader adds to the clips in rows[:n] (10 minus the subset's frames each)."""
+        clips = {(r['subset'], r['video']) for r in self.rows[:self.n]}
+        return sum(AVSS_CLIP - data.AVSS_FRAMES[s] for s, _ in clips)
+
+    def result(self):
+        if not self.semantic:
+            batches = video_batches(self.rows, self.n, self.test_batch)
+            t = self.frames
+            j, f = batch_scores(t[:, 0], t[:, 1] > 0, t[:, 2:], batches)
+            return dict(protocol='avsbench', J=j, F=f, test_batch=self.test_batch, batches=len(batches), frames=self.n)
+        pad = self.padded()
+        iou, f, seen = self.iou_sum.clone(), self.f_sum.clone(), self.seen.clone()
+        iou[0], f[0], seen[0] = iou[0] + pad, f[0] + pad, seen[0] + pad    # background, predicted right
+        per = {'J': _div(iou, seen.double()), 'F': _div(f, seen.double())}
+        out = {k: [x.item() if s else None for x, s in zip(v, seen > 0)] for k, v in per.items()}
+        return dict(protocol='avsbench', J=per['J'].mean().item(), F=per['F'].mean().item(), frames=self.n,
+                    padded_frames=pad, per_class=dict(out, frames=seen.tolist()))
+
+
+def avsbench_table(a, classes):
+    """Markdown of an AVSBenchScores result, values in %: S4 / MS3 one row (J, F, the test batch); AVSS one row per
+    class (J = IoU, F, frames where seen; '-' never seen, 0 in the mean) and the mean over all classes."""
+    fmt = lambda x: '-' if x is None else f'{100 * x:.2f}'
+    if 'per_class' not in a:
+        videos = f"{a['test_batch']} video{'s' * (a['test_batch'] > 1)}"
+        return '\n'.join(['| J | F | test batch | batches | frames |', '|---:|---:|---:|---:|---:|',
+                          f"| {fmt(a['J'])} | {fmt(a['F'])} | {videos} | {a['batches']} | {a['frames']} |"])
+    pc = a['per_class']
+    lines = ['| class | J (IoU) | F | frames |', '|---|---:|---:|---:|']
+    lines += [f"| {c} | {fmt(pc['J'][k])} | {fmt(pc['F'][k])} | {pc['frames'][k]} |" for k, c in enumerate(classes)]
+    lines.append(f"| **mean of {len(classes)}** | {fmt(a['J'])} | {fmt(a['F'])} | {a['frames']} "
+                 f"+ {a['padded_frames']} padded |")
+    return '\n'.join(lines)
+
+
+PROTOCOL_TITLES = {'cavp': "protocol cavp: the paper's dataset-level mIoU / F_beta / FDR (Tables 2-4) and "
+                           "per-image J / F",
+                   'avsbench': "protocol avsbench: AVSBench's own test (its test.py; the paper's Table 1)"}
+
+
+def report(m, classes):
+    """The printed result of evaluate(): a line naming the protocol, then its table (avsbench_table when the
+    'avsbench' numbers are there, else format_table)."""
+    if 'avsbench' in m:
+        return f"{PROTOCOL_TITLES['avsbench']}\n\n{avsbench_table(m['avsbench'], classes)}"
+    return f"{PROTOCOL_TITLES['cavp']}\n\n{format_table(m, classes)}"
 
 
 SKIPS = ('no instance map', 'no clip')   # why a probe skips a sample (Probes); stereo has the first only
@@ -361,7 +539,7 @@ def sum_over_ranks(obj, device):
 
 @torch.inference_mode()
 def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_dir=None, max_samples=None,
-             progress=True, rank=0, world=1):
+             progress=True, rank=0, world=1, protocol='cavp', test_batch=None):
     """Stream over `dataset` (batch 1, metrics at label resolution) and return a metrics dict (fractions in [0, 1]):
       miou, fbeta, fdr, per_class            semantic_scores of the summed confusion matrix (Sec. 5.1)
       J, F                                   means over images of mask_iou / f_score (SplitMetrics; empty-gt and
@@ -371,6 +549,9 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
       cf_skipped, stereo_skipped             samples a probe skipped, by reason (Probes, SKIPS)
       halluc_silence, halluc_noise           share of all pixels predicted foreground under silence / noise
       stereo_acc, stereo_swap_acc, stereo_n  stereo probe, VPO-MSMI only (else None)
+      protocol                               'cavp': every number above is ours (the paper's, Tables 2-4)
+      avsbench                               protocol='avsbench' only: AVSBench's own test numbers of the same
+                                             predictions (AVSBenchScores; test_batch videos per batch, default 4)
     vis > 0 writes PNGs of the first `vis` samples to vis_dir. Probe values are None when no sample
     qualifies or probes=False. The model's train/eval mode is restored afterwards. A sample that fails
     raises SampleError, one line naming it and its file (sample_name) with the cause.
@@ -382,6 +563,8 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
     amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     metrics, probe = SplitMetrics(dataset.num_classes), Probes(dataset, probes)
+    batch = resolve_test_batch(protocol, test_batch, getattr(dataset, 'subset', None))
+    official = AVSBenchScores(dataset, n, batch) if protocol == 'avsbench' else None
     was_training, i = model.training, None
     model.eval()
     try:
@@ -394,6 +577,8 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
             logits, attn = runner(model, x, amp, label.shape[-2:])(audios)        # 1 + k, C, H, W
             preds = dict(zip(['original', *extra], logits.argmax(1, keepdim=True)))   # name -> (1, H, W)
             metrics.add(logits[:1], label)
+            if official:
+                official.add(i, logits[:1], label)
             probe.add(i, label, preds, extra)
             if i < vis:
                 # panels: the original, the counterfactual (titled by its class), silence and noise
@@ -408,10 +593,13 @@ def evaluate(model, dataset, device, *, amp_dtype=None, probes=True, vis=0, vis_
     finally:
         model.train(was_training)
     if world > 1:
-        for sums in (metrics, probe):
-            sum_over_ranks(sums, device)
+        for sums in (metrics, probe, official):
+            if sums:
+                sum_over_ranks(sums, device)
     m = semantic_scores(metrics.conf)
-    m.update(classes=list(dataset.classes), n=n, **metrics.per_image(), **probe.result())
+    m.update(classes=list(dataset.classes), n=n, **metrics.per_image(), **probe.result(), protocol='cavp')
+    if official:
+        m['avsbench'] = official.result()
     return m
 
 
@@ -675,7 +863,8 @@ SUMMARY_METRICS = ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence', 'stereo_
 # train.py arguments left out when grouping runs: the seed (what a row averages over) and bookkeeping that
 # cannot change a result: where the run is written, its pictures, loader processes (augmentation is a pure
 # function of seed, epoch and index), and resuming (a resumed run continues exactly).
-NOT_A_SETTING = ('seed', 'name', 'out', 'vis', 'workers', 'resume', 'test_only')   # cannot change a result
+NOT_A_SETTING = ('seed', 'name', 'out', 'vis', 'workers', 'resume', 'test_only', 'protocol',
+                 'test_batch')   # cannot change a result: the protocol only adds AVSBench's numbers
 
 
 def read_run(folder):
@@ -892,6 +1081,8 @@ def get_args(argv=None):
                    "network (metrics and predictions stay at original resolution); default the checkpoint's")
     p.add_argument('--mono', action='store_true',
                    help='evaluate a mono checkpoint (Fig. 7 / Table 8); must match how the checkpoint was trained')
+    p.add_argument('--protocol', default='cavp', choices=PROTOCOLS, help=PROTOCOL_HELP)
+    p.add_argument('--test-batch', type=int, default=None, metavar='N', help=TEST_BATCH_HELP)
     # probes and outputs
     p.add_argument('--no-probes', action='store_true', help='skip the counterfactual / hallucination / stereo probes')
     p.add_argument('--vis', type=int, default=0, help='write PNGs for the first N samples')
@@ -922,6 +1113,7 @@ AMP = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def run_evaluation(a):
     model, cargs = load_checkpoint(a.ckpt, a.device, data=a.data, mono=a.mono)
+    test_batch = resolve_test_batch(a.protocol, a.test_batch, cargs['data'])
     ds = data.build_dataset(cargs['data'], a.root or cargs['root'], a.split, train=False,
                             data_seed=cargs.get('data_seed', 0),
                             audio_seconds=cargs['audio_seconds'], mono=cargs['mono'], resize=cargs.get('resize'),
@@ -936,10 +1128,11 @@ def run_evaluation(a):
         out, lock = claim_folder(os.path.join(os.path.dirname(a.ckpt), f"eval_{cargs['data']}_{a.split}"))
     try:
         m = evaluate(model, ds, a.device, amp_dtype=AMP[a.amp], probes=not a.no_probes, vis=a.vis,
-                     vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples)
+                     vis_dir=os.path.join(out, 'vis'), max_samples=a.max_samples, protocol=a.protocol,
+                     test_batch=test_batch)
         m.update(ckpt=a.ckpt, data=cargs['data'], split=a.split, mono=cargs['mono'],
                  test_scale=getattr(ds, 'test_scale', 1.0))
-        table = format_table(m, ds.classes)
+        table = report(m, ds.classes)
         write_json(os.path.join(out, 'metrics.json'), m)
         write_text(os.path.join(out, 'per_class.md'), f"{cargs['data']} {a.split}, {a.ckpt} (in %)\n\n{table}\n")
     finally:

@@ -2207,7 +2207,11 @@ def test_cpu_preset_per_subset():
                                         (['--audio-seconds', '-1'], '--audio-seconds'),
                                         (['--scale', '0', '0'], '--scale'), (['--tau', '0'], '--tau'),
                                         (['--pos-frac', '1'], '--pos-frac'), (['--epochs', '0'], '--epochs'),
-                                        (['--lr', '-1'], '--lr'), (['--bank-rate', '2'], '--bank-rate')])
+                                        (['--lr', '-1'], '--lr'), (['--bank-rate', '2'], '--bank-rate'),
+                                        (['--protocol', 'avsbench'], '--protocol avsbench'),
+                                        (['--data', 'ms3', '--protocol', 'avsbench', '--test-batch', '0'],
+                                         '--test-batch 0: expected >= 1'),
+                                        (['--test-batch', '4'], '--test-batch 4: only with --protocol avsbench')])
 def test_numeric_flags_checked_at_parse_time(flags, name, capsys):
     with pytest.raises(SystemExit) as e:
         train.get_args(flags)
@@ -2774,7 +2778,7 @@ def test_evaluate_shared_out_over_ranks_adds_up_to_one_process(monkeypatch):
             a, b = getattr(mine, name), getattr(other, name)
             setattr(mine, name, {k: a[k] + b[k] for k in a} if isinstance(a, dict) else a + b)
     both = ev.semantic_scores(parts[0].conf)
-    both.update(classes=one['classes'], n=one['n'], **parts[0].per_image(), **parts[1].result())
+    both.update(classes=one['classes'], n=one['n'], **parts[0].per_image(), **parts[1].result(), protocol='cavp')
     assert both == one
 
 
@@ -2929,6 +2933,140 @@ def test_vis_writes_pngs(tmp_path):
 
 
 # -----------------------------------------------------------------------------------------------
+# --protocol avsbench: AVSBench's own test numbers, hand-computed from its definitions
+
+
+class FrameDataset:
+    """AVSBench-like rows (subset, video, frame) whose image carries the prediction in channel 0: the foreground
+    logit (binary, FrameModel) or the predicted class (AVSS). videos: [(name, row subset, [(channel 0, label)])]."""
+
+    def __init__(self, subset, videos, num_classes=2):
+        self.subset, self.num_classes, self.classes = subset, num_classes, [f'c{k}' for k in range(num_classes)]
+        self.rows, self.items = [], []
+        for name, sub, frames in videos:
+            for k, (x, y) in enumerate(frames):
+                self.rows.append(dict(subset=sub, category=None, video=name, frame=k))
+                self.items.append((torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        x, y = self.items[i]
+        return {'image': x.expand(3, *x.shape).clone(), 'audio': torch.zeros(1, 1, 1), 'label': y}
+
+
+class FrameModel(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.C = num_classes
+
+    def forward(self, x, a):
+        v = x[:, 0]
+        if self.C == 2:   # logits (0, l): sigmoid(l) is the foreground probability
+            z = torch.stack([torch.zeros_like(v), v], 1)
+        else:
+            z = 10.0 * F.one_hot(v.long(), self.C).permute(0, 3, 1, 2).float()
+        return {'logits': z, 'attn': torch.zeros(x.shape[0], 1, 1, 1)}
+
+
+logit = lambda *p: [[math.log(q / (1 - q)) for q in p]]     # a 1 x len(p) frame of foreground probabilities p
+# F-curves of two 1 x 2 frames, ground truth [1, 0] (P = 1/2, R = 1 gives F = 1.3 * 0.5 / 1.15 = 13 / 23):
+# A, probabilities (0.9, 0.45): 13/23 for t <= 0.45, 1 up to 0.9 (max 1); J of > 0.5 = 1
+# B, probabilities (0.3, 0.6):  13/23 for t <= 0.3, then 0 (P = 0; max 13/23); J = 0 (only the wrong pixel)
+FRAME_A, FRAME_B = (logit(0.9, 0.45), [[1, 0]]), (logit(0.3, 0.6), [[1, 0]])
+
+
+def avsbench(ds, **kw):
+    m = ev.evaluate(FrameModel(ds.num_classes), ds, 'cpu', progress=False, protocol='avsbench', **kw)
+    return m, m['avsbench']
+
+
+def test_avsbench_f_depends_on_the_test_batch():
+    """4 videos of 5 frames (A, B, A, B): at batch 1 (5 frames) F is the mean of the per-video maxima 18/23; at the
+    default 4 videos (20 frames) the averaged curve peaks at 13/23 (at t <= 0.3; above it 13/46 or 1/2); J 1/2
+    either way. At 3 videos the batches are (A, B, A), peak 2/3 on (0.45, 0.9], and (B): F = (2/3 + 13/23) / 2,
+    and J is the mean of the two batch means, (2/3 + 0) / 2, not the frame mean."""
+    ds = FrameDataset('s4', [(v, 's4', [frame] * 5) for v, frame in zip('abcd', (FRAME_A, FRAME_B) * 2)])
+    m, one = avsbench(ds, test_batch=1)
+    assert (one['J'], one['F'], one['batches']) == (pytest.approx(1 / 2), pytest.approx(18 / 23), 4)
+    _, twenty = avsbench(ds)
+    assert twenty['test_batch'] == ev.AVSBENCH_TEST_BATCH == 4 and twenty['batches'] == 1 and twenty['frames'] == 20
+    assert (twenty['J'], twenty['F']) == (pytest.approx(1 / 2), pytest.approx(13 / 23))
+    _, three = avsbench(ds, test_batch=3)
+    assert (three['J'], three['F']) == (pytest.approx(1 / 3), pytest.approx((2 / 3 + 13 / 23) / 2))
+    # ours, from the same predictions: per image, whatever the batch
+    assert (m['protocol'], m['J'], m['F']) == ('cavp', pytest.approx(1 / 2), pytest.approx(18 / 23))
+
+
+def test_avsbench_empty_ground_truth_rule():
+    """A frame with no foreground: J = the share of its pixels predicted background; it leaves the batch's F-curve,
+    and a batch with no foreground at all scores F = 0 and still counts."""
+    empty = (logit(0.9, 0.3), [[0, 0]])                      # one of 2 pixels predicted foreground: J = 1/2
+    ds = FrameDataset('ms3', [('a', 'ms3', [FRAME_A]), ('e', 'ms3', [empty])])
+    m, one = avsbench(ds, test_batch=1)
+    assert (one['J'], one['F']) == (pytest.approx(3 / 4), pytest.approx(1 / 2))   # F: (1 + 0) / 2
+    _, both = avsbench(ds, test_batch=2)
+    assert (both['J'], both['F']) == (pytest.approx(3 / 4), pytest.approx(1.0))   # A's curve alone
+    assert m['F'] == pytest.approx(1.0)                      # ours skips the empty frame's F
+    j, fg, curve = ev.avsbench_frames(torch.tensor([[[0.0, 0.0], [0.0, 5.0]]]), torch.tensor([[0, 0]]))
+    assert (j.item(), fg.item(), curve.abs().sum().item()) == (0.5, False, 0.0)
+
+
+def test_avss_padding_counted_and_unseen_classes_zero():
+    """A v1s clip of 5 frames S, ground truth (0, 3, 3, 0, 255), prediction (7, 3, 0, 0, 3), padded to 10 as the
+    official loader does, and a v2 clip of 10 all-background frames predicted right. Per S frame: background IoU
+    1/3, F 1/2; class 3 IoU 1/3 (the 255 pixel's prediction counts, not as ground truth), F 1/2; class 7 (predicted,
+    absent) 0. The 5 padded frames are background predicted right (1 each): background J = (5/3 + 5 + 10) / 20 =
+    5/6, F = (5/2 + 5 + 10) / 20 = 7/8. The mean is over all 71 classes, the 67 never seen as 0."""
+    s = ([[7, 3, 0, 0, 3]], [[0, 3, 3, 0, 255]])
+    z = ([[0] * 5], [[0] * 5])
+    ds = FrameDataset('avss', [('s', 'v1s', [s] * 5), ('z', 'v2', [z] * 10)], num_classes=71)
+    _, a = avsbench(ds)
+    assert (a['frames'], a['padded_frames']) == (15, 5)
+    pc = a['per_class']
+    assert (pc['J'][0], pc['F'][0], pc['frames'][0]) == (pytest.approx(5 / 6), pytest.approx(7 / 8), 20)
+    assert (pc['J'][3], pc['F'][3], pc['frames'][3]) == (pytest.approx(1 / 3), pytest.approx(1 / 2), 5)
+    assert (pc['J'][7], pc['F'][7], pc['frames'][7]) == (0.0, 0.0, 5)
+    assert (pc['J'][5], pc['F'][5], pc['frames'][5]) == (None, None, 0) and pc['frames'].count(0) == 68
+    assert a['J'] == pytest.approx((5 / 6 + 1 / 3) / 71) and a['F'] == pytest.approx((7 / 8 + 1 / 2) / 71)
+    _, v2 = avsbench(FrameDataset('avss', [('z', 'v2', [z] * 10)], num_classes=71))
+    assert v2['padded_frames'] == 0 and v2['J'] == pytest.approx(1 / 71)          # a 10-frame clip: no padding
+    table = ev.report({'avsbench': a}, ds.classes)
+    assert table.startswith('protocol avsbench') and '| **mean of 71** | 1.64 | 1.94 | 15 + 5 padded |' in table
+
+
+def test_avsbench_sums_over_ranks_add_up_to_one_process(monkeypatch):
+    """Each rank fills its own frames (S4 / MS3) or class sums (AVSS); adding them up gives the one-process numbers."""
+    for ds in (FrameDataset('s4', [(v, 's4', [f] * 2) for v, f in zip('abc', (FRAME_A, FRAME_B, FRAME_A))]),
+               FrameDataset('avss', [('s', 'v1s', [([[7, 3, 0]], [[0, 3, 3]])] * 3)], num_classes=71)):
+        _, one = avsbench(ds, test_batch=2)
+        parts = []
+        monkeypatch.setattr(ev, 'sum_over_ranks', lambda obj, device: parts.append(obj))
+        for rank in (0, 1):
+            ev.evaluate(FrameModel(ds.num_classes), ds, 'cpu', progress=False, rank=rank, world=2,
+                        protocol='avsbench', test_batch=2)
+        mine, other = parts[2], parts[5]                     # SplitMetrics, Probes, AVSBenchScores per rank
+        for name in mine.SUMS:
+            setattr(mine, name, getattr(mine, name) + getattr(other, name))
+        assert mine.result() == one
+        monkeypatch.undo()
+
+
+def test_protocol_arguments_are_checked():
+    assert ev.resolve_test_batch('cavp', None, 'vpo_ss') is None
+    assert ev.resolve_test_batch('avsbench', None, 's4') == 4 and ev.resolve_test_batch('avsbench', 1, 'avss') == 1
+    for args, message in ((('avsbench', None, 'vpo_ss'), r'--protocol avsbench: .*s4, ms3, avss, not vpo_ss'),
+                          (('avsbench', 0, 'ms3'), r'--test-batch 0: expected >= 1'),
+                          (('cavp', 4, 's4'), r'--test-batch 4: only with --protocol avsbench'),
+                          (('voc', None, 's4'), r'--protocol voc')):
+        with pytest.raises(ValueError, match=message):
+            ev.resolve_test_batch(*args)
+    with pytest.raises(ValueError, match='--protocol avsbench'):
+        ev.evaluate(SplitFakeModel(), make_dataset(), 'cpu', progress=False, protocol='avsbench')
+
+
+# -----------------------------------------------------------------------------------------------
 # checkpoints
 
 ARGS = dict(data='vpo_ss', root='data', backbone='resnet50', output_stride=8, attn='sigmoid', heads=4, mono=False,
@@ -3057,6 +3195,16 @@ def test_evaluate_claims_its_default_folder_and_refuses_a_held_out(small_ckpt, t
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count('\n') == 1
     assert err.startswith(f'error: --out: {first} is in use by the live process {os.getpid()}')
+
+
+def test_protocol_avsbench_of_a_vpo_checkpoint_is_one_line(small_ckpt, capsys):
+    for extra, message in ((['--protocol', 'avsbench'], "--protocol avsbench: AVSBench's test is for --data s4, ms3, "
+                                                         "avss, not vpo_ss"),
+                           (['--test-batch', '2'], '--test-batch 2: only with --protocol avsbench (the cavp metrics '
+                                                   'do not depend on batching)')):
+        with pytest.raises(SystemExit):
+            ev.main(['--ckpt', small_ckpt[0], '--device', 'cpu', *extra])
+        assert capsys.readouterr().err == f'error: {message}\n'
 
 # -----------------------------------------------------------------------------------------------
 # --summary
@@ -3640,15 +3788,33 @@ def test_missing_files_fail_clearly(s4_root, avss_root, tmp_path):
         AVSBenchDataset(bad, 'avss', 'test')
 
 
-def test_e2e_avsbench_trains_and_evaluates(s4_root, avss_root, tmp_path):
-    """--data s4 / avss go through the same train.py loop (VGGish branch, mono, per-image J and F)."""
+def test_e2e_avsbench_trains_and_evaluates(s4_root, avss_root, tmp_path, capsys):
+    """--data s4 / avss go through the same train.py loop (VGGish branch, mono, per-image J and F); --protocol
+    avsbench adds AVSBench's own numbers and leaves ours as they are."""
     # S4's fixture has 2 training frames: too few for CAVP's pairing (>= 4 per process), so CE alone there
     for name, root, batch in (('s4', s4_root, ['--batch-size', '2', '--contrast', 'none']),
                               ('avss', avss_root, ['--batch-size', '4'])):
         m = train.main(['--data', name, '--root', root, '--out', str(tmp_path), '--name', name, '--crop', '32',
                         *batch, '--workers', '0', '--max-steps', '1', '--epochs', '1', '--vis', '1',
-                        '--resize', '32', '--dim', '76', '--weights', 'none', '--audio-weights', 'none'])
+                        '--resize', '32', '--dim', '76', '--weights', 'none', '--audio-weights', 'none',
+                        '--protocol', 'avsbench', *(['--test-batch', '1'] if name == 's4' else [])])
         assert m['args']['audio_backbone'] == 'vggish' and m['args']['mono']
         iou = [v for v in m['per_class']['iou'] if v is not None]
         assert m['miou'] == pytest.approx(sum(iou) / len(iou)) and len(m['per_class']['iou']) == len(m['classes'])
-        assert m['J'] is not None and m['cf_miou'] is None
+        assert m['J'] is not None and m['cf_miou'] is None and m['protocol'] == 'cavp'
+        a = m['avsbench']
+        assert a['protocol'] == 'avsbench' and 0 <= a['J'] <= 1 and 0 <= a['F'] <= 1
+        want = {'test_batch': 1, 'frames': 5} if name == 's4' else {'frames': 20, 'padded_frames': 10}
+        assert {k: a[k] for k in want} == want
+    assert capsys.readouterr().out.count('protocol avsbench: ') == 2
+    # evaluate.py on the same checkpoint: the default is ours alone, --protocol avsbench adds AVSBench's numbers
+    ckpt = str(tmp_path / 's4' / 'best.pt')
+    ev.main(['--ckpt', ckpt, '--mono', '--out', str(tmp_path / 'ours'), '--device', 'cpu'])
+    ev.main(['--ckpt', ckpt, '--mono', '--out', str(tmp_path / 'both'), '--device', 'cpu', '--protocol', 'avsbench'])
+    out = capsys.readouterr().out
+    ours, both = (json.load(open(tmp_path / d / 'metrics.json')) for d in ('ours', 'both'))
+    assert 'avsbench' not in ours and both.pop('avsbench')['test_batch'] == 4 and both == ours
+    assert out.count('protocol cavp: ') == 1 and out.count('protocol avsbench: ') == 1 and '\navsbench: J=' in out
+    with pytest.raises(SystemExit):
+        ev.main(['--ckpt', ckpt, '--mono', '--device', 'cpu', '--protocol', 'avsbench', '--test-batch', '0'])
+    assert capsys.readouterr().err == 'error: --test-batch 0: expected >= 1 videos per test batch\n'

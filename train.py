@@ -66,7 +66,8 @@ CPU_SUBSET = {'vpo_ms': dict(batch_size=32, lr=4e-3, epochs=8),
               'vpo_msmi': dict(crop=80, scale=(0.45, 0.45), test_scale=0.45, epochs=7)}
 # A resumed run takes every argument from its checkpoint but those typed on the command line; a note names those
 # that change what is computed (not the bookkeeping ones). The ARCH ones are always the checkpoint's.
-BOOKKEEPING = ('name', 'out', 'resume', 'workers', 'vis', 'no_probes', 'test_only', 'benchmark', 'compile')
+BOOKKEEPING = ('name', 'out', 'resume', 'workers', 'vis', 'no_probes', 'test_only', 'benchmark', 'compile', 'protocol',
+               'test_batch')
 ARCH = ('data', 'backbone', 'output_stride', 'dim', 'attn', 'heads', 'mono', 'audio_seconds', 'audio_backbone',
         'resize')   # define the network and its input: always the checkpoint's
 
@@ -82,8 +83,7 @@ def get_parser():
     p.add_argument('--resize', type=int, default=None, help='AVSBench: frames resized to N x N (Tables 1-2: 224); '
                    'default original size (Table 3)')
     p.add_argument('--preset', default='auto', choices=['auto', 'paper', 'cpu'],
-                   help="defaults for the flags left unset: 'paper' = App. B.1; 'cpu' = small demo; "
-                        "auto = cpu without CUDA")
+                   help="defaults for unset flags: 'paper' = App. B.1; 'cpu' = small demo; auto = cpu without CUDA")
     p.add_argument('--crop', type=int, default=None, help='train crop size (paper 512)')
     p.add_argument('--scale', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
                    help='random scale range of training images (paper 0.5 2.0)')
@@ -132,8 +132,7 @@ def get_parser():
     p.add_argument('--grad-clip', type=float, default=0.0, help='clip grad norm (0 = off)')
     p.add_argument('--warmup-steps', type=int, default=None, help='linear lr warm-up over the first N steps (paper 0)')
     # run
-    p.add_argument('--name', default=None, help='run folder name under --out (default: --data); an existing run '
-                   'is never overwritten: the new one goes to <name>-2, -3, ...')
+    p.add_argument('--name', default=None, help='run folder under --out (default --data); a taken name gets -2, -3')
     p.add_argument('--out', default='runs', help='where run folders go')
     p.add_argument('--seed', type=int, default=0, help='seed of init, sample order, augmentation and pairing')
     p.add_argument('--resume', default=None, help="checkpoint to continue from (last.pt), in its own folder, with its "
@@ -147,6 +146,8 @@ def get_parser():
                    'alternating the chosen --contrast with --contrast none, print images/s and the ratio, and exit')
     p.add_argument('--vis', type=int, default=8, help='test pictures to write to runs/<name>/vis')
     p.add_argument('--no-probes', action='store_true', help='skip the audio probes on test')
+    p.add_argument('--protocol', default='cavp', choices=evaluate.PROTOCOLS, help=evaluate.PROTOCOL_HELP)
+    p.add_argument('--test-batch', type=int, default=None, metavar='N', help=evaluate.TEST_BATCH_HELP)
     p.add_argument('--test-only', action='store_true', help='evaluate --resume on test and exit')
     p.add_argument('--max-steps', type=int, default=0, help='stop each epoch after N steps (smoke tests)')
     p.add_argument('--limit', type=int, default=0, help='use only the first N samples of each split (smoke tests)')
@@ -167,7 +168,7 @@ RANGES = {
     'poly_power': (lambda v: v >= 0, '>= 0'), 'grad_clip': (lambda v: v >= 0, '>= 0'),
     'warmup_steps': (lambda v: v >= 0, '>= 0'), 'eval_every': (lambda v: v >= 1, '>= 1'),
     'benchmark': (lambda v: v >= 0, '>= 0'), 'vis': (lambda v: v >= 0, '>= 0'), 'max_steps': (lambda v: v >= 0, '>= 0'),
-    'limit': (lambda v: v >= 0, '>= 0'),
+    'limit': (lambda v: v >= 0, '>= 0'), 'test_batch': (lambda v: v >= 1, '>= 1 videos'),
 }
 
 
@@ -202,6 +203,12 @@ def get_args(argv=None):
         v = getattr(args, k)
         if v is not None and not ok(v):
             p.error(f'--{k.replace("_", "-")} {v}: expected {want}')
+    if args.protocol == 'cavp' and 'test_batch' not in given:
+        args.test_batch = None   # a resumed avsbench run's test batch, not asked for again
+    try:
+        args.test_batch = evaluate.resolve_test_batch(args.protocol, args.test_batch, args.data)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -731,12 +738,12 @@ def test(model, test_set, args, env, run_dir, state, record):
     model.load_state_dict(evaluate.read_checkpoint(path, flag='--resume' if args.test_only else 'best.pt')['model'])
     metrics = evaluate.evaluate(model, test_set, env.device, amp_dtype=env.amp_dtype, probes=not args.no_probes,
                                 vis=args.vis, vis_dir=os.path.join(run_dir, 'vis'), progress=env.master,
-                                rank=env.rank, world=env.world)
+                                rank=env.rank, world=env.world, protocol=args.protocol, test_batch=args.test_batch)
     metrics.update(best_epoch=state['best_epoch'], val_miou=state['best'], checkpoint=path, args=vars(args))
     if not env.master:
         return metrics
     evaluate.write_json(os.path.join(run_dir, 'metrics.json'), metrics)
-    env.say(evaluate.format_table(metrics, test_set.classes))
+    env.say(evaluate.report(metrics, test_set.classes))
     env.say(f'results -> {os.path.join(run_dir, "metrics.json")}')
     record(kind='test', **{k: metrics[k] for k in ('miou', 'fbeta', 'fdr', 'cf_miou', 'halluc_silence',
                                                    'halluc_noise')})
