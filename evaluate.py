@@ -890,11 +890,12 @@ class VideoFrames:
             raise ValueError(f'--video {path}: holds no frames (it ends before the first)') from None
         except (av.FFmpegError, UnicodeDecodeError) as e:
             raise ValueError(f'--video {path}: not a video FFmpeg can read ({e})') from None
-        streams = self.container.streams
-        if not streams.video:
-            what = ' (a sound file?)' if streams.audio else ''
+        streams, kind = self.container.streams, self.container.format.name
+        if not streams.video or kind == 'image2' or kind.endswith('_pipe'):   # FFmpeg's still-image readers
+            what = (': a still image (segment it with --image IMAGE --audio CLIP)' if streams.video else
+                    ': no video stream' + (' (a sound file?)' if streams.audio else ''))
             self.container.close()   # after its streams are read: PyAV crashes on them once closed
-            raise ValueError(f'--video {path}: no video stream{what}')
+            raise ValueError(f'--video {path}{what}')
         self.path, self.seconds, self.fps, self.start, self.half = path, seconds, fps, start, seconds / 2
         self.end = start + duration if duration else math.inf
         self.video, self.audio = streams.video[0], (streams.audio[0] if streams.audio else None)

@@ -3214,21 +3214,22 @@ def test_video_clock():
                                                                           '1:01:01.2']
 
 
-@pytest.mark.parametrize('what', ['missing', 'empty', 'text', 'sound only', 'no frames', 'start', 'fps', 'out',
-                                  'fails midway'])
+@pytest.mark.parametrize('what', ['missing', 'empty', 'text', 'sound only', 'photo', 'no frames', 'start', 'fps',
+                                  'out', 'fails midway'])
 def test_video_bad_input_is_one_line_and_leaves_nothing(small_ckpt, tmp_path, capsys, monkeypatch, what):
     import av
     path, out = _video(tmp_path / 'v.mp4', seconds=2.0, sound=_tone(2.0, 16000)[None]), tmp_path / 'out'
     (tmp_path / 'empty.mp4').write_bytes(b'')
     (tmp_path / 'notes.txt').write_text('not a video\n')
     sf.write(tmp_path / 'sound.wav', _tone(1.0, 16000), 16000)
+    Image.new('RGB', (32, 24), (9, 99, 199)).save(tmp_path / 'photo.jpg')
     with av.open(str(tmp_path / 'none.mkv'), 'w') as c:                # a video stream that never starts
         vs = c.add_stream('libx264', rate=10)
         vs.width, vs.height, vs.pix_fmt = 32, 24, 'yuv420p'
         c.start_encoding()
     argv = ['--ckpt', small_ckpt[0], '--video', path, '--out', str(out), '--device', 'cpu']
     video = {'missing': 'gone.mp4', 'empty': 'empty.mp4', 'text': 'notes.txt', 'sound only': 'sound.wav',
-             'no frames': 'none.mkv'}.get(what)
+             'photo': 'photo.jpg', 'no frames': 'none.mkv'}.get(what)
     if video:
         argv[3] = str(tmp_path / video)
     argv += {'start': ['--start', '2.5'], 'fps': ['--fps', '0']}.get(what, [])
@@ -3252,6 +3253,7 @@ def test_video_bad_input_is_one_line_and_leaves_nothing(small_ckpt, tmp_path, ca
     assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('error: '), err
     expect = {'missing': 'gone.mp4: no such file', 'empty': r'empty\.mp4: empty file', 'text': 'notes.txt: not a video',
               'sound only': r'sound\.wav: no video stream \(a sound file\?\)', 'no frames': 'none.mkv: holds no',
+              'photo': r'photo\.jpg: a still image \(segment it with --image',
               'start': r'--start 2\.5: after the end of --video .*v\.mp4 \(2\.0 s\)', 'fps': '--fps 0',
               'out': r'--out .*notes\.txt/out: cannot write there', 'fails midway': 'No space left on device'}[what]
     assert re.search(expect, err), err
