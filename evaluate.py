@@ -1,12 +1,14 @@
 """Evaluation: the paper's dataset-level metrics, AVSBench-style per-image J and F, audio probes that
 turn the paper's qualitative figures into numbers, pictures (Sec. 5.1, Tables 3-4, 8-11, Figs. 1, 7,
-10-14, App. C), a table of runs over seeds, and a prediction for your own image and sound. On AVSBench,
---protocol avsbench adds AVSBench's own test numbers of the same predictions (Table 1; AVSBenchScores).
+10-14, App. C), a table of runs over seeds, and predictions for your own image and sound or your own video.
+On AVSBench, --protocol avsbench adds AVSBench's own test numbers of the same predictions (Table 1;
+AVSBenchScores).
 
     python evaluate.py --ckpt runs/<name>/best.pt [--data vpo_ss] [--root DIR] [--vis 8]
     python evaluate.py --ckpt runs/s4/best.pt --mono --protocol avsbench [--test-batch 4]   # + AVSBench's own
     python evaluate.py --summary runs/a_s0 runs/a_s1 runs/b_s0 ...      # mean +- std per setting
     python evaluate.py --ckpt runs/<name>/best.pt --image photo.jpg --audio dog.wav car.flac [--alpha 0.2]
+    python evaluate.py --ckpt runs/<name>/best.pt --video clip.mp4 [--fps 1] [--start 60] [--duration 30]
 
 Evaluation streams over the test split one image at a time (batch 1, App. B.1; the image at the dataset's
 test_scale, 1 = original resolution, the labels and so the metrics always at original resolution): only a
@@ -17,11 +19,15 @@ import argparse
 import fcntl
 import itertools
 import json
+import math
 import os
 import pickle
 import re
+import shutil
 import statistics
 import sys
+import tempfile
+from fractions import Fraction
 
 import numpy as np
 import soundfile as sf
@@ -992,16 +998,41 @@ def image_input(image, args, test_scale=None):
     return data.normalise(image)[None]
 
 
-def predict_inputs(image_path, clip_paths, args, *, alpha=0.5, test_scale=None):
-    """The network's inputs for one image and k clips: {'image': (1, 3, h, w), 'audio': (k + 1, A, T, F),
-    the clips then silence; 'size': the image's own (H, W); 'rgb': the PIL image}."""
+def check_alpha(alpha):
     if not 0 <= alpha <= 1:
         raise ValueError(f'--alpha {alpha}: expected a position in [0, 1] (0 left, 1 right)')
-    rgb = read_image(image_path)
-    waves = [read_audio(p, args['audio_seconds']) for p in clip_paths]
-    waves.append(np.zeros((1, int(round(args['audio_seconds'] * data.SR))), np.float32))   # silence
-    audio = torch.stack([audio_input(w, args, alpha) for w in waves])                       # k + 1, A, T, F
+
+
+def network_inputs(rgb, waves, args, *, alpha=0.5, test_scale=None):
+    """The network's inputs for one PIL RGB image and k (channels, L) waveforms, built as the test split builds
+    them (image_input, audio_input): {'image': (1, 3, h, w), 'audio': (k, A, T, F), 'size': the image's own
+    (H, W), 'rgb': the image}. The one path from pixels and samples to tensors for --image and --video."""
+    check_alpha(alpha)
+    audio = torch.stack([audio_input(w, args, alpha) for w in waves])                       # k, A, T, F
     return {'image': image_input(rgb, args, test_scale), 'audio': audio, 'size': (rgb.height, rgb.width), 'rgb': rgb}
+
+
+def silence(args):
+    """(1, L) zeros: a window of the checkpoint's length without sound."""
+    return np.zeros((1, int(round(args['audio_seconds'] * data.SR))), np.float32)
+
+
+def predict_inputs(image_path, clip_paths, args, *, alpha=0.5, test_scale=None):
+    """network_inputs for an image file and k clip files, the clips then silence: 'audio' is (k + 1, A, T, F)."""
+    check_alpha(alpha)   # before reading any file
+    rgb = read_image(image_path)
+    waves = [read_audio(p, args['audio_seconds']) for p in clip_paths] + [silence(args)]
+    return network_inputs(rgb, waves, args, alpha=alpha, test_scale=test_scale)
+
+
+@torch.inference_mode()
+def segment(model, inp, device, amp_dtype=None):
+    """(k, H, W) int64 class indices and (k, heads, h, w) float32 attention, both on the CPU, for network_inputs'
+    dict: the image branch once, its k audios in one batch, logits at the image's own size."""
+    device = torch.device(device)
+    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    logits, attn = runner(model, inp['image'].to(device), amp, inp['size'])(inp['audio'].to(device))
+    return logits.argmax(1).cpu(), attn.float().cpu()
 
 
 def class_names(args, root=None):
@@ -1031,35 +1062,370 @@ def describe(pred, classes):
     return ', '.join(f'{classes[k]} {100 * share[k]:.1f}%' for k in found) or 'nothing (all background)'
 
 
+def overlay(rgb, pred):
+    """PIL RGB image and its (H, W) class indices -> uint8 (H, W, 3): each found class's colour blended over
+    the image, background pixels as they were."""
+    img = np.asarray(rgb, np.float32)                                               # H, W, 3
+    p = pred.cpu().numpy()
+    colour = data.palette().astype(np.float32)[p]                                  # H, W, 3
+    return np.where((p > 0)[..., None], 0.45 * img + 0.55 * colour, img).astype(np.uint8)
+
+
 def prediction_picture(rgb, names, preds, attn, classes):
     """The image, then one row per audio: the prediction over the image (class names in the title) and
     the f_CA attention map. preds (k, H, W), attn (k, heads, h, w)."""
-    img = np.asarray(rgb, np.float32)                                               # H, W, 3
-    pal = data.palette().astype(np.float32)
     rows = [[_panel(np.asarray(rgb), 'image', False)]]
     for name, p, a in zip(names, preds.cpu(), attn):
-        fg = (p > 0).numpy()[..., None]                                             # H, W, 1
-        over = np.where(fg, 0.45 * img + 0.55 * pal[p.numpy()], img).astype(np.uint8)
-        rows.append([_panel(over, f'{name}: {_names(p, classes)}', False),
+        rows.append([_panel(overlay(rgb, p), f'{name}: {_names(p, classes)}', False),
                      _heat_panel(_attn_map(a[None], tuple(p.shape)), f'attn {name}')])
     return _grid(rows)
 
 
-@torch.inference_mode()
 def predict(model, args, image_path, clip_paths, *, device, alpha=0.5, out='prediction.png', amp_dtype=None,
             test_scale=None):
     """Segment image_path under each clip and under silence (one batch, the image branch once), write the
     picture to `out` and return one line per clip and one for silence: the classes found and their share."""
     classes = class_names(args)
-    device = torch.device(device)
-    amp = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     inp = predict_inputs(image_path, clip_paths, args, alpha=alpha, test_scale=test_scale)
-    logits, attn = runner(model, inp['image'].to(device), amp, inp['size'])(inp['audio'].to(device))
-    preds = logits.argmax(1)                                                        # k + 1, H, W
+    preds, attn = segment(model, inp, device, amp_dtype)                            # k + 1, H, W
     names = [os.path.basename(p) for p in clip_paths] + ['silence']
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
-    save_image(prediction_picture(inp['rgb'], names, preds, attn.float().cpu(), classes), out)
+    save_image(prediction_picture(inp['rgb'], names, preds, attn, classes), out)
     return [f'{path}: {describe(p, classes)}' for path, p in zip([*clip_paths, 'silence'], preds)]
+
+# -----------------------------------------------------------------------------------------------
+# your own video: frames at --fps, each with the sound around it, streamed through PyAV (FFmpeg)
+
+
+EPS = 1e-6          # s: timestamps are rationals turned into floats
+SOUND_LAG = 5.0     # s of picture decoded past a window's end while no sound reaches it: the track has ended
+
+
+class SoundWindows:
+    """A sound track at 16 kHz as it is decoded, holding only what later windows can need. window(c): the
+    (channels, L) window centred on time c, shifted inside the track at its ends (the first and last windows),
+    or the whole track tiled when shorter than L, as data.read_clip takes a clip; silence with no samples."""
+
+    def __init__(self, L, channels):
+        self.L, self.buf = L, np.zeros((max(channels, 1), 0), np.float32)
+        self.first = None       # the track's first sample, counted at 16 kHz from time 0
+        self.n = 0              # samples added so far
+        self.dropped = 0        # samples forgotten from the front of buf
+        self.after = None       # no window centred before this time is asked for any more
+        self.ended = channels == 0
+
+    def add(self, x):
+        """Append (channels, n) samples."""
+        self.buf = np.concatenate([self.buf, x], 1)
+        self.n += x.shape[1]
+        if self.after is not None:
+            self.drop(self.after)
+
+    def heard(self):
+        """Seconds of the track decoded so far, from time 0."""
+        return ((self.first or 0) + self.n) / data.SR
+
+    def _start(self, c):
+        """Where c's window starts, in samples from the track's first one, kept inside what is known."""
+        return max(0, min(round(c * data.SR) - self.L // 2 - (self.first or 0), self.n - self.L))
+
+    def ready(self, c):
+        wanted = max(0, round(c * data.SR) - self.L // 2 - (self.first or 0)) + self.L
+        return self.ended or (self.first is not None and self.n >= wanted)
+
+    def window(self, c):
+        if self.n < self.L:     # short (or no) track: tiled whole, as data.read_clip tiles a short clip
+            x = self.buf if self.n else np.zeros((len(self.buf), 1), np.float32)
+            return np.tile(x, (1, -(-self.L // x.shape[1])))[:, :self.L]
+        s = self._start(c) - self.dropped
+        return self.buf[:, s:s + self.L].copy()
+
+    def drop(self, c):
+        """Forget the samples that no window centred at c or later can need, now and as more are added: all but
+        those from c's window on and the last L (the last window may yet be shifted back onto them)."""
+        self.after = c
+        if self.n >= self.L and self._start(c) > self.dropped:
+            cut = self._start(c) - self.dropped
+            self.buf, self.dropped = self.buf[:, cut:], self.dropped + cut
+
+
+def upright(frame):
+    """A decoded av.VideoFrame as PIL RGB, turned as its display matrix says (phones store portrait video
+    sideways); VideoFrame.rotation is counter-clockwise degrees, as PIL's rotate takes them."""
+    image = frame.to_image()
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
+
+
+class VideoFrames:
+    """(t, rgb, wave) for t = start, start + 1 / fps, ... while the video shows a frame: the frame on screen at
+    t (upright PIL RGB) and the sound window of `seconds` centred on t (SoundWindows: (channels, L) float32 at
+    16 kHz, channels 1 or 2 as recorded, more mixed down to 2; silence without a sound track). Time 0 is the
+    first frame. Streamed: a few frames and seconds of sound are held, whatever the video's length.
+    on_sound(x, offset), when set, receives the track from start to the end as it is decoded: (channels, n)
+    float32 at the track's own rate, offset in samples from start."""
+
+    def __init__(self, path, seconds, *, fps=1.0, start=0.0, duration=None):
+        import av   # only the video command needs the decoder
+        if not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f'--fps {fps}: expected frames per second > 0')
+        if not (math.isfinite(start) and start >= 0):
+            raise ValueError(f'--start {start}: expected seconds >= 0')
+        if duration is not None and not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f'--duration {duration}: expected seconds > 0')
+        _check_file(path, '--video')
+        try:
+            self.container = av.open(path)
+        except av.EOFError:
+            raise ValueError(f'--video {path}: holds no frames (it ends before the first)') from None
+        except (av.FFmpegError, UnicodeDecodeError) as e:
+            raise ValueError(f'--video {path}: not a video FFmpeg can read ({e})') from None
+        streams, kind = self.container.streams, self.container.format.name
+        if not streams.video or kind == 'image2' or kind.endswith('_pipe'):   # FFmpeg's still-image readers
+            what = (': a still image (segment it with --image IMAGE --audio CLIP)' if streams.video else
+                    ': no video stream' + (' (a sound file?)' if streams.audio else ''))
+            self.container.close()   # after its streams are read: PyAV crashes on them once closed
+            raise ValueError(f'--video {path}{what}')
+        self.path, self.seconds, self.fps, self.start, self.half = path, seconds, fps, start, seconds / 2
+        self.end = start + duration if duration else math.inf
+        self.video, self.audio = streams.video[0], (streams.audio[0] if streams.audio else None)
+        self.video.codec_context.thread_type = 'AUTO'   # decoding every frame is most of a long video's time
+        v = self.video
+        self.origin = float(v.start_time * v.time_base) if v.start_time is not None else 0.0
+        self.channels = min(self.audio.channels, 2) if self.audio else 0
+        self.rate = self.audio.rate if self.audio else None
+        length = self.container.duration / av.time_base if self.container.duration else None
+        self.expected = max(0, math.ceil((min(self.end, length) - start) * fps - EPS)) if length else None
+        self.step = 1 / float(v.average_rate or 25)   # a frame's duration when the file gives none
+        self.on_sound = None
+
+    def close(self):
+        self.container.close()
+
+    def time(self, k):
+        return self.start + k / self.fps
+
+    def _decoded(self):
+        """(kind, time from the first frame or None, frame) in decode order, from a little before start."""
+        import av
+        if self.start > 0:
+            try:   # to the keyframe before the first window; a file that cannot seek is read from its start
+                self.container.seek(int((self.origin + max(0.0, self.start - self.half - 1.0)) * av.time_base))
+            except av.FFmpegError:
+                pass
+        try:
+            for packet in self.container.demux([s for s in (self.video, self.audio) if s is not None]):
+                for frame in packet.decode():
+                    yield packet.stream.type, (None if frame.time is None else frame.time - self.origin), frame
+        except av.FFmpegError as e:
+            raise ValueError(f'--video {self.path}: cannot decode it ({e})') from None
+
+    def _sound(self, win, time, frame):
+        """Feed decoded sound (None: flush) to the windows at 16 kHz and to on_sound at the track's rate."""
+        if win.first is None and frame is not None:
+            time = 0.0 if time is None else time
+            win.first, self._offset = round(time * data.SR), round((time - self.start) * self.rate)
+        for f in self._to16.resample(frame):
+            win.add(f.to_ndarray())
+        for f in self._keep.resample(frame) if self.on_sound else ():
+            x, at = f.to_ndarray(), self._offset
+            lo, hi = max(0, -at), x.shape[1]
+            if self.end < math.inf:
+                hi = min(hi, round((self.end - self.start) * self.rate) - at)
+            if hi > lo:
+                self.on_sound(x[:, lo:hi], at + lo)
+            self._offset = at + x.shape[1]
+
+    def __iter__(self):
+        import av
+        win = SoundWindows(int(round(self.seconds * data.SR)), self.channels)
+        win.drop(self.start)     # sound decoded before start - seconds / 2 is not kept
+        if self.audio:
+            layout = 'mono' if self.channels == 1 else 'stereo'
+            self._to16 = av.AudioResampler('fltp', layout, data.SR)
+            self._keep = av.AudioResampler('fltp', layout, self.rate)
+            self._offset = 0   # where the next sample at the track's rate lies, in samples from start
+        # pending: frames picked for their time, waiting for the sound after it; prev: the last decoded frame,
+        # on screen from `seen` to `until`; shown: prev as upright RGB, converted once however often it is picked
+        pending, k, prev, shown, seen, until, n = [], 0, None, None, -math.inf, -math.inf, 0
+        for kind, time, frame in self._decoded():
+            if kind == 'audio':
+                self._sound(win, time, frame)
+            else:
+                time = seen + self.step if time is None else time
+                while prev is not None and time > self.time(k) + EPS and self.time(k) < self.end:
+                    shown = shown if shown and shown[0] is prev else (prev, upright(prev))
+                    pending.append((self.time(k), shown[1]))
+                    k += 1
+                dur = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else self.step
+                prev, seen, until = frame, time, time + dur
+            while pending and (win.ready(pending[0][0]) or seen > pending[0][0] + self.half + SOUND_LAG):
+                t, rgb = pending.pop(0)
+                yield t, rgb, win.window(t)
+                n += 1
+                win.drop(pending[0][0] if pending else self.time(k))
+            if self.time(k) >= self.end and not pending and (win.ended or win.heard() >= self.end):
+                break   # the cut is done: the rest of a long video is never decoded
+        else:
+            if self.audio:
+                self._sound(win, None, None)
+            win.ended = True
+            while prev is not None and self.time(k) < min(self.end, until) - EPS:
+                shown = shown if shown and shown[0] is prev else (prev, upright(prev))
+                pending.append((self.time(k), shown[1]))
+                k += 1
+            for t, rgb in pending:
+                yield t, rgb, win.window(t)
+                n += 1
+        if not n:
+            raise ValueError(f'--video {self.path}: holds no video frames' if prev is None else
+                             f'--start {self.start}: after the end of --video {self.path} ({until:.1f} s)')
+
+
+class VideoOutputs:
+    """What --video writes to `out`: 00000.png ... (the frames' class indices as palette PNGs in data.palette's
+    colours), overlay.mp4 (each frame with its coloured mask, at fps, the sound track from start re-encoded as
+    AAC) and summary.json. All are written in a hidden folder inside `out` and moved to their names
+    (os.replace) only once the run has ended well: a failed run leaves nothing, not even a folder it made."""
+
+    def __init__(self, out, fps, channels=0, rate=None):
+        import av
+        self.out, self.made, self.rows, self.held = out, not os.path.isdir(out), [], []
+        try:
+            os.makedirs(out, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix='.partial-', dir=out)
+        except OSError as e:
+            raise OSError(f'--out {out}: cannot write there ({e.strerror or e})') from None
+        self.fps, self.rate, self.picture = Fraction(fps).limit_denominator(1001), rate, None
+        self.container = av.open(os.path.join(self.tmp, 'overlay.mp4'), 'w')
+        self.layout = 'mono' if channels == 1 else 'stereo'
+        self.sound = self.container.add_stream('aac', rate=rate, layout=self.layout) if channels else None
+
+    def add_sound(self, x, offset):
+        """(channels, n) float32 at the track's rate, offset samples after the first frame's time."""
+        if self.picture is None:    # the file's header waits for the picture's size
+            self.held.append((x, offset))
+            return
+        import av
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format='fltp', layout=self.layout)
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, offset, Fraction(1, self.rate)
+        self.container.mux(self.sound.encode(frame))
+
+    def add(self, t, rgb, pred, classes):
+        """One frame: its mask as a PNG, its overlay into the video, its row of summary.json."""
+        import av
+        name = f'{len(self.rows):05d}.png'
+        mask = Image.fromarray(pred.numpy().astype(np.uint8))
+        mask.putpalette(data.palette().tobytes())      # L becomes P: the pixel values stay the class indices
+        mask.save(os.path.join(self.tmp, name))
+        over = Image.fromarray(overlay(rgb, pred))
+        if self.picture is None:    # yuv420p needs even sides
+            self.picture = self.container.add_stream('libx264' if 'libx264' in av.codecs_available else 'mpeg4',
+                                                     rate=self.fps)
+            self.picture.width, self.picture.height = over.width + over.width % 2, over.height + over.height % 2
+            self.picture.pix_fmt = 'yuv420p'
+            for x, offset in self.held:
+                self.add_sound(x, offset)
+            self.held = []
+        canvas = Image.new('RGB', (self.picture.width, self.picture.height))
+        canvas.paste(over if over.height <= canvas.height and over.width <= canvas.width else
+                     over.resize(canvas.size, Image.BILINEAR))
+        frame = av.VideoFrame.from_image(canvas)
+        frame.pts = len(self.rows)
+        self.container.mux(self.picture.encode(frame))
+        share = torch.bincount(pred.flatten(), minlength=len(classes)).double() / pred.numel()
+        found = [c for c in share.argsort(descending=True).tolist() if c > 0 and share[c] > 0]
+        self.rows.append({'frame': name, 'time': round(t, 3), 'classes': {classes[c]: round(share[c].item(), 5)
+                                                                           for c in found}})
+
+    def finish(self, header):
+        """Close the video, write summary.json, move everything to its name; return the files' names."""
+        for stream in (self.picture, self.sound):
+            if stream is not None:
+                self.container.mux(stream.encode(None))
+        self.container.close()
+        with open(os.path.join(self.tmp, 'summary.json'), 'w') as f:
+            json.dump({**header, 'frames': self.rows}, f, indent=1)
+        names = [r['frame'] for r in self.rows] + ['overlay.mp4', 'summary.json']
+        for name in names:
+            os.replace(os.path.join(self.tmp, name), os.path.join(self.out, name))
+        for name in os.listdir(self.out):   # masks of an earlier, longer run would pass for this run's
+            if re.fullmatch(r'\d{5,}\.png', name) and name not in names:
+                os.remove(os.path.join(self.out, name))
+        shutil.rmtree(self.tmp)
+        return names
+
+    def abort(self):
+        try:
+            self.container.close()
+        except Exception:   # a half-made file: it is removed below in any case
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.made:
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
+def clock(t):
+    """'01:03.5', from an hour on '1:01:03.5': a time in the video to the tenth of a second."""
+    h, tenths = divmod(int(round(t * 10)), 36000)
+    m, s = divmod(tenths, 600)
+    return (f'{h}:' if h else '') + f'{m:02d}:{s // 10:02d}.{s % 10}'
+
+
+def sound_note(frames, args, alpha):
+    """One line on how the video's sound reaches this checkpoint, or None when it goes in as recorded."""
+    if not frames.channels:
+        return f'note: --video {frames.path} has no sound track: every window is silence'
+    if frames.audio.channels > 2:
+        return f'note: its {frames.audio.channels}-channel sound is mixed down to stereo'
+    if frames.channels == 1 and not args['mono'] and args['data'] not in data.AVSBENCH:
+        return f'note: its sound is mono: panned at --alpha {alpha:g} for this stereo checkpoint'
+    return None
+
+
+def segment_video(model, args, frames, outputs, *, device, alpha=0.5, amp_dtype=None, test_scale=None, bar=None):
+    """Each frame of `frames` (VideoFrames) under its window, through network_inputs and segment as an image
+    under a clip; into `outputs` (VideoOutputs); yields one line per frame: '00:03.0 dog 12.3%, car 1.1%'."""
+    classes = class_names(args)
+    frames.on_sound = outputs.add_sound if outputs.sound is not None else None
+    for t, rgb, wave in frames:
+        pred = segment(model, network_inputs(rgb, [wave], args, alpha=alpha, test_scale=test_scale), device,
+                       amp_dtype)[0][0]                                                  # H, W
+        outputs.add(t, rgb, pred, classes)
+        if bar is not None:
+            bar.update()
+        yield f'{clock(t)} {describe(pred, classes)}'
+
+
+def run_video(a):
+    if a.image or a.audio:
+        raise ValueError('--video goes alone: not with --image / --audio')
+    check_alpha(a.alpha)
+    model, cargs = load_checkpoint(a.ckpt, a.device, data=a.data)
+    frames = VideoFrames(a.video, cargs['audio_seconds'], fps=a.fps, start=a.start, duration=a.duration)
+    out = a.out or os.path.splitext(os.path.basename(a.video))[0] + '_cavp'
+    header = {'video': a.video, 'ckpt': a.ckpt, 'fps': a.fps, 'start': a.start, 'duration': a.duration,
+              'window_seconds': cargs['audio_seconds'], 'sound': ('none', 'mono', 'stereo')[frames.channels],
+              'alpha': a.alpha}
+    from tqdm import tqdm   # only where a bar is shown
+    outputs = None
+    try:
+        outputs = VideoOutputs(out, a.fps, frames.channels, frames.rate)
+        note = sound_note(frames, cargs, a.alpha)     # printed with the first frame, once there is one
+        with tqdm(total=frames.expected, unit='frame', disable=None, leave=False, dynamic_ncols=True) as bar:
+            for line in segment_video(model, cargs, frames, outputs, device=a.device, alpha=a.alpha,
+                                      amp_dtype=AMP[a.amp], test_scale=a.test_scale, bar=bar):
+                bar.write(line if note is None else f'{note}\n{line}')    # above the bar
+                note = None
+        names = outputs.finish(header)
+    except BaseException:
+        if outputs is not None:
+            outputs.abort()
+        raise
+    finally:
+        frames.close()
+    masks = names[0] if len(names) == 3 else f'{names[0]} ... {names[-3]}'
+    sound = 'with its sound' if frames.channels else 'no sound'
+    print(f'wrote {out}/: {masks}, overlay.mp4 ({a.fps:g} fps, {sound}), summary.json')
 
 # -----------------------------------------------------------------------------------------------
 # CLI
@@ -1102,6 +1468,12 @@ def get_args(argv=None):
                    help='... under each of these clips (wav / flac / ogg / opus, mono or stereo) and under silence')
     p.add_argument('--alpha', type=float, default=0.5,
                    help='where a mono clip is panned for a stereo checkpoint: 0 left edge, 0.5 centre, 1 right edge')
+    # your own video
+    p.add_argument('--video', default=None, help='segment this video (any file FFmpeg reads; its own sound track) '
+                   'into --out DIR (default <video name>_cavp): per-frame mask PNGs, overlay.mp4, summary.json')
+    p.add_argument('--fps', type=float, default=1.0, help='... at this many frames per second (AVSBench: 1)')
+    p.add_argument('--start', type=float, default=0.0, help='... from this second on')
+    p.add_argument('--duration', type=float, default=None, help='... for this many seconds (default: to the end)')
     # system
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--amp', default='none', choices=['none', 'bf16', 'fp16'], help='autocast dtype for inference')
@@ -1160,6 +1532,8 @@ def main(argv=None):
             print(summary_table(a.summary))
         elif a.ckpt is None:
             raise ValueError('--ckpt is required (or --summary RUN [RUN ...])')
+        elif a.video:
+            run_video(a)
         elif a.image or a.audio:
             run_prediction(a)
         else:

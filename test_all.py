@@ -3350,6 +3350,236 @@ def test_class_count_of_another_dataset_is_named():
     assert ev.class_names(dict(SMALL_ARGS, data='s4', num_classes=2)) == ['background', 'foreground']
 
 
+# -----------------------------------------------------------------------------------------------
+# your own video
+
+
+def _video(path, seconds=3.0, fps=10, sound=None, sr=16000, size=(32, 24), rotation=0):
+    """A video written with PyAV: frame k is a striped picture at brightness 8 k, and `sound` ((channels, n) float32
+    at sr; None: no sound track) its track, 16-bit PCM in .mkv (decoded bit-exact), AAC in .mp4; `rotation`: the
+    display matrix's counter-clockwise turn, as phones store portrait video."""
+    import av
+    with av.open(str(path), 'w') as out:
+        vs = out.add_stream('libx264', rate=fps)
+        vs.width, vs.height, vs.pix_fmt = size[0], size[1], 'yuv420p'
+        if rotation:
+            vs.set_display_rotation(rotation)
+        layout, pcm = ('mono', 'stereo')[len(sound) - 1] if sound is not None else None, str(path).endswith('.mkv')
+        st = out.add_stream('pcm_s16le' if pcm else 'aac', rate=sr, layout=layout) if layout else None
+        stripes = (np.arange(size[1])[:, None, None] // 4 % 2 * 40 + np.zeros((1, size[0], 3))).astype(np.uint8)
+        for k in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(stripes + np.uint8(8 * k), format='rgb24')
+            frame.pts = k
+            out.mux(vs.encode(frame))
+        out.mux(vs.encode(None))
+        if st is not None:
+            for s in range(0, sound.shape[1], 1024):
+                x = sound[:, s:s + 1024]
+                x = (x.T.reshape(1, -1) * 32768).round().astype(np.int16) if pcm else np.ascontiguousarray(x)
+                frame = av.AudioFrame.from_ndarray(x, format='s16' if pcm else 'fltp', layout=layout)
+                frame.sample_rate, frame.pts = sr, s
+                out.mux(st.encode(frame))
+            out.mux(st.encode(None))
+    return str(path)
+
+
+def _pcm(x):
+    """float32 samples as 16-bit PCM holds them."""
+    return (np.round(np.asarray(x, np.float32) * 32768).clip(-32768, 32767) / 32768).astype(np.float32)
+
+
+def _pictures(path):
+    import av
+    with av.open(path) as c:
+        return [f.to_image() for f in c.decode(video=0)]
+
+
+def _frames(path, seconds=0.4, **kw):
+    frames = ev.VideoFrames(path, seconds, **kw)
+    try:
+        return list(frames)
+    finally:
+        frames.close()
+
+
+def test_video_frames_at_fps_each_with_the_window_centred_on_its_time(tmp_path):
+    sound = _pcm(np.random.default_rng(0).uniform(-0.5, 0.5, (1, 48000)))     # 3 s: every window is unique
+    path = _video(tmp_path / 'noise.mkv', sound=sound)
+    pictures, L = _pictures(path), 6400                                         # 30 frames at 10 fps; 0.4 s
+    for kw, times in [(dict(fps=1), [0, 1, 2]), (dict(fps=2), [0, 0.5, 1, 1.5, 2, 2.5]),
+                      (dict(fps=4, start=1, duration=1), [1, 1.25, 1.5, 1.75]),
+                      (dict(fps=5, start=2.5), [2.5, 2.7, 2.9])]:
+        got = _frames(path, **kw)
+        assert [t for t, _, _ in got] == pytest.approx(times), kw
+        for t, rgb, wave in got:
+            shown = pictures[int(t * 10 + 1e-6)]                     # frame k is on screen from k / 10 s to (k + 1) / 10 s
+            assert np.array_equal(np.asarray(rgb), np.asarray(shown)), (kw, t)
+            s = min(max(round(t * 16000) - L // 2, 0), 48000 - L)       # centred; the first and last shifted inside
+            assert wave.shape == (1, L) and np.array_equal(wave, sound[:, s:s + L]), (kw, t)
+
+
+def test_sound_windows_stream_with_a_bounded_buffer():
+    x = np.random.default_rng(0).standard_normal((2, 20 * 16000)).astype(np.float32)    # 20 s, stereo
+    L, chunk, win = 6400, 1000, ev.SoundWindows(6400, 2)
+    win.first, times, peak = 0, list(np.arange(0, 20.1, 0.25)), 0
+    for s in range(0, x.shape[1], chunk):
+        win.add(x[:, s:s + chunk])
+        peak = max(peak, win.buf.shape[1])
+        while times and win.ready(times[0]):
+            t = times.pop(0)
+            start = min(max(round(t * 16000) - L // 2, 0), x.shape[1] - L)
+            assert np.array_equal(win.window(t), x[:, start:start + L]), t
+            win.drop(times[0] if times else t)
+    assert times == [20.0] and peak <= L + chunk       # the last waits for the track's end; memory stays flat
+    win.ended = True
+    assert win.ready(20.0) and np.array_equal(win.window(20.0), x[:, -L:])     # shifted inside the track
+    short = ev.SoundWindows(L, 1)                       # a track shorter than the window is tiled whole
+    short.first, short.ended = 0, True
+    short.add(x[:1, :1000])
+    assert np.array_equal(short.window(0.0), np.tile(x[:1, :1000], 7)[:, :L])
+    none = ev.SoundWindows(L, 0)                        # no track: silence
+    assert none.ready(5.0) and np.array_equal(none.window(5.0), np.zeros((1, L), np.float32))
+
+
+def test_video_keeps_stereo_and_pans_mono_as_the_predict_command_does(tmp_path):
+    tone = _pcm(_tone(3.0, 16000)[None])                                        # 1, 48000
+    L, mid = 6400, slice(16000 - 3200, 16000 + 3200)                             # the window of t = 1 s
+    floor = -1.0                                                                 # log-mel of exact silence
+    left = _video(tmp_path / 'left.mkv', sound=_pcm(vpo.pan(tone[0], 0.2)))      # a stereo recording, source left
+    mono = _video(tmp_path / 'mono.mkv', sound=tone)
+    sf.write(tmp_path / 'tone.wav', tone[0, mid], 16000, subtype='PCM_16')
+    image = str(tmp_path / 'frame.png')
+    _, rgb, wave = _frames(left, fps=1)[1]
+    rgb.save(image)
+    stereo_in = ev.network_inputs(rgb, [wave], SMALL_ARGS, alpha=0.9)['audio'][0]         # alpha: not for stereo
+    predicted = ev.predict_inputs(image, [str(tmp_path / 'tone.wav')], SMALL_ARGS, alpha=0.2)['audio'][0]
+    assert wave.shape == (2, L) and (stereo_in - predicted).abs().max() < 0.01            # the pan is kept
+    assert not torch.allclose(stereo_in[0], stereo_in[1], atol=0.05)
+    for alpha in (0.0, 1.0):
+        _, rgb, wave = _frames(mono, fps=1)[1]
+        got = ev.network_inputs(rgb, [wave], SMALL_ARGS, alpha=alpha)['audio'][0]
+        want = ev.predict_inputs(image, [str(tmp_path / 'tone.wav')], SMALL_ARGS, alpha=alpha)['audio'][0]
+        assert wave.shape == (1, L) and torch.equal(got, want)
+        assert torch.all(got[1 - int(alpha)] == floor) and got[int(alpha)].max() > floor + 0.5
+    assert ev.network_inputs(rgb, [wave], dict(SMALL_ARGS, mono=True))['audio'].shape == (1, 1, 40, 64)
+
+
+def test_video_cli_masks_equal_the_predict_command_overlay_and_summary(small_ckpt, tmp_path, capsys):
+    import av
+    sound = _pcm(np.random.default_rng(1).uniform(-0.5, 0.5, (2, 48000)))
+    path, out = _video(tmp_path / 'clip.mkv', sound=sound), tmp_path / 'out'
+    ev.main(['--ckpt', small_ckpt[0], '--video', path, '--out', str(out), '--device', 'cpu'])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:8] for line in lines[:3]] == ['00:00.0 ', '00:01.0 ', '00:02.0 '] and len(lines) == 4
+    assert lines[3] == f'wrote {out}/: 00000.png ... 00002.png, overlay.mp4 (1 fps, with its sound), summary.json'
+    assert sorted(os.listdir(out)) == ['00000.png', '00001.png', '00002.png', 'overlay.mp4', 'summary.json']
+    summary = json.loads((out / 'summary.json').read_text())
+    model_, args = ev.load_checkpoint(small_ckpt[0], 'cpu')
+    classes, pictures = ev.class_names(args), _pictures(path)
+    for k, (row, line) in enumerate(zip(summary['frames'], lines)):
+        png = Image.open(out / f'{k:05d}.png')
+        mask = torch.from_numpy(np.array(png)).long()
+        # the predict command on the same frame and window, from files
+        pictures[10 * k].save(tmp_path / 'f.png')
+        s = min(max(16000 * k - 3200, 0), 48000 - 6400)
+        sf.write(tmp_path / 'w.wav', sound[:, s:s + 6400].T, 16000, subtype='PCM_16')
+        preds, _ = ev.segment(model_, ev.predict_inputs(str(tmp_path / 'f.png'), [str(tmp_path / 'w.wav')], args),
+                              'cpu')
+        assert png.mode == 'P' and png.size == (32, 24) and torch.equal(mask, preds[0]), k
+        assert row['frame'] == f'{k:05d}.png' and row['time'] == k and line == f'00:0{k}.0 {ev.describe(mask, classes)}'
+        assert row['classes'] == {classes[c]: pytest.approx((mask == c).float().mean().item(), abs=1e-5)
+                                  for c in mask.unique().tolist() if c > 0}
+    assert summary['sound'] == 'stereo' and summary['fps'] == 1 and summary['window_seconds'] == 0.4
+    with av.open(str(out / 'overlay.mp4')) as c:
+        assert c.duration / 1e6 == pytest.approx(3.0, abs=0.05) and c.streams.video[0].frames == 3
+        assert c.streams.audio[0].channels == 2 and float(c.streams.audio[0].duration * c.streams.audio[0].time_base) \
+            == pytest.approx(3.0, abs=0.05)
+        first = next(c.decode(video=0)).to_ndarray(format='rgb24').astype(float)
+    want = ev.overlay(pictures[0], torch.from_numpy(np.array(Image.open(out / '00000.png'))).long())
+    assert np.abs(first - want).mean() < 8                                      # the coloured masks, H.264-compressed
+    # a shorter run into the same folder replaces every file; masks of the longer run do not linger
+    ev.main(['--ckpt', small_ckpt[0], '--video', path, '--out', str(out), '--device', 'cpu', '--fps', '2',
+             '--start', '1', '--duration', '1'])
+    assert sorted(os.listdir(out)) == ['00000.png', '00001.png', 'overlay.mp4', 'summary.json']
+    assert [r['time'] for r in json.loads((out / 'summary.json').read_text())['frames']] == [1.0, 1.5]
+    with av.open(str(out / 'overlay.mp4')) as c:
+        assert c.duration / 1e6 == pytest.approx(1.0, abs=0.05) and c.streams.video[0].frames == 2
+
+
+def test_video_without_sound_says_so_once(small_ckpt, tmp_path, capsys):
+    import av
+    path = _video(tmp_path / 'silent.mp4', seconds=2.0)
+    assert all(np.array_equal(w, np.zeros((1, 6400), np.float32)) for _, _, w in _frames(path))
+    ev.main(['--ckpt', small_ckpt[0], '--video', path, '--out', str(tmp_path / 'o'), '--device', 'cpu'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f'note: --video {path} has no sound track: every window is silence' and len(lines) == 4
+    assert not any(line.startswith('note') for line in lines[1:])
+    with av.open(str(tmp_path / 'o' / 'overlay.mp4')) as c:
+        assert not c.streams.audio and c.streams.video[0].frames == 2
+
+
+def test_video_frames_turned_upright(tmp_path):
+    pictures = _pictures(_video(tmp_path / 'flat.mp4', seconds=1.0))
+    for rotation in (90, -90):
+        (_, rgb, _), = _frames(_video(tmp_path / f'r{rotation}.mp4', seconds=1.0, rotation=rotation))
+        assert rgb.size == (24, 32)                                  # portrait
+        assert np.array_equal(np.asarray(rgb), np.asarray(pictures[0].rotate(rotation, expand=True)))
+        stripes = np.asarray(rgb)[0, :, 0]                            # the horizontal stripes now run vertically
+        assert stripes[0] != stripes[4] and len(set(np.asarray(rgb)[:, 0, 0])) == 1
+
+
+def test_video_clock():
+    assert [ev.clock(t) for t in (0, 3.04, 63.5, 59.96, 3600 + 61.2)] == ['00:00.0', '00:03.0', '01:03.5', '01:00.0',
+                                                                          '1:01:01.2']
+
+
+@pytest.mark.parametrize('what', ['missing', 'empty', 'text', 'sound only', 'photo', 'no frames', 'start', 'fps',
+                                  'out', 'fails midway'])
+def test_video_bad_input_is_one_line_and_leaves_nothing(small_ckpt, tmp_path, capsys, monkeypatch, what):
+    import av
+    path, out = _video(tmp_path / 'v.mp4', seconds=2.0, sound=_tone(2.0, 16000)[None]), tmp_path / 'out'
+    (tmp_path / 'empty.mp4').write_bytes(b'')
+    (tmp_path / 'notes.txt').write_text('not a video\n')
+    sf.write(tmp_path / 'sound.wav', _tone(1.0, 16000), 16000)
+    Image.new('RGB', (32, 24), (9, 99, 199)).save(tmp_path / 'photo.jpg')
+    with av.open(str(tmp_path / 'none.mkv'), 'w') as c:                # a video stream that never starts
+        vs = c.add_stream('libx264', rate=10)
+        vs.width, vs.height, vs.pix_fmt = 32, 24, 'yuv420p'
+        c.start_encoding()
+    argv = ['--ckpt', small_ckpt[0], '--video', path, '--out', str(out), '--device', 'cpu']
+    video = {'missing': 'gone.mp4', 'empty': 'empty.mp4', 'text': 'notes.txt', 'sound only': 'sound.wav',
+             'photo': 'photo.jpg', 'no frames': 'none.mkv'}.get(what)
+    if video:
+        argv[3] = str(tmp_path / video)
+    argv += {'start': ['--start', '2.5'], 'fps': ['--fps', '0']}.get(what, [])
+    if what == 'out':
+        argv[5] = str(tmp_path / 'notes.txt' / 'out')                  # under a file: cannot be made
+    if what == 'fails midway':                                         # the disk fills after the first frame
+        calls = []
+
+        def segment(model_, inp, device, amp_dtype=None):
+            calls.append(inp)
+            if len(calls) > 1:
+                raise OSError(28, 'No space left on device')
+            return torch.ones(1, *inp['size'], dtype=torch.long), None
+        monkeypatch.setattr(ev, 'segment', segment)
+        out.mkdir()
+        (out / 'mine.txt').write_text('kept')
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    captured = capsys.readouterr()
+    err = captured.err
+    assert e.value.code == 2 and err.count('\n') == 1 and err.startswith('error: '), err
+    expect = {'missing': 'gone.mp4: no such file', 'empty': r'empty\.mp4: empty file', 'text': 'notes.txt: not a video',
+              'sound only': r'sound\.wav: no video stream \(a sound file\?\)', 'no frames': 'none.mkv: holds no',
+              'photo': r'photo\.jpg: a still image \(segment it with --image',
+              'start': r'--start 2\.5: after the end of --video .*v\.mp4 \(2\.0 s\)', 'fps': '--fps 0',
+              'out': r'--out .*notes\.txt/out: cannot write there', 'fails midway': 'No space left on device'}[what]
+    assert re.search(expect, err), err
+    assert 'wrote' not in captured.out
+    assert sorted(os.listdir(out)) == ['mine.txt'] if what == 'fails midway' else not out.exists()
+
+
 # ====================================================================================================
 # Tables 1-3: AVSBench loaders and VGGish (data.py, model.py)
 # ====================================================================================================
