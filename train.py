@@ -365,9 +365,8 @@ def balance_weights(dataset, power):
 
 
 def save_atomic(obj, path):
-    tmp = f'{path}.{os.getpid()}.tmp'   # per process: no two writers ever share a temporary name
-    torch.save(obj, tmp)
-    os.replace(tmp, path)   # a crash mid-write leaves the previous checkpoint intact
+    """torch.save through evaluate.write_whole: a crash mid-write leaves the previous checkpoint intact."""
+    evaluate.write_whole(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state():
