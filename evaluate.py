@@ -766,7 +766,34 @@ def hold_folder(folder, flag):
             pid = ''
         raise ValueError(f'{flag}: {folder} is in use by the live process {pid or "that holds its " + LOCK}: a '
                          f'folder has one writer; wait until that process ends (its lock ends with it)')
+    gone = remove_stale_temporaries(folder)
+    if gone:
+        print(f'{folder}: removed {len(gone)} temporaries of ended writers ({", ".join(map(os.path.basename, gone))})')
     return fd
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        pass
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete what write_whole's writers killed mid-write left in folder (and below it): `<name>.<pid>.tmp` whose
+    process is gone, a checkpoint's worth of disk each. The files a live process is writing stay. Returns the paths
+    removed."""
+    removed = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            m = re.search(r'\.(\d+)\.tmp$', name)
+            if m and not _alive(int(m.group(1))):
+                os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return sorted(removed)
 
 
 def _unused(folder):

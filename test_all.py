@@ -2905,6 +2905,20 @@ def test_a_folder_has_one_writer_and_is_free_when_it_ends(tmp_path):
     assert path == str(tmp_path / 'plain')
 
 
+def test_a_held_folder_loses_the_temporaries_of_ended_writers(tmp_path, capsys):
+    dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    dead = int(dead.stdout)   # a process that has ended: what it was writing will never be renamed
+    (tmp_path / 'vis').mkdir()
+    stale = [tmp_path / f'last.pt.{dead}.tmp', tmp_path / 'vis' / f'val_0.png.{dead}.tmp']
+    live = [tmp_path / f'metrics.json.{os.getpid()}.tmp', tmp_path / 'last.pt', tmp_path / 'notes.tmp']
+    for f in stale + live:
+        f.write_text('x')
+    lock = ev.hold_folder(str(tmp_path), '--resume last.pt')
+    os.close(lock)
+    assert [f.exists() for f in stale + live] == [False, False, True, True, True]
+    assert 'removed 2 temporaries of ended writers' in capsys.readouterr().out
+
+
 def test_files_appear_whole_or_not_at_all(tmp_path):
     path = str(tmp_path / 'metrics.json')
     ev.write_json(path, {'miou': 0.5})
